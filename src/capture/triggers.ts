@@ -1,0 +1,251 @@
+/**
+ * Installs, removes and lists the capture triggers (the SQL lives in sql/003_capture.sql; this module
+ * validates names, resolves "all tables of a schema" and reports what happened).
+ */
+import type pg from 'pg';
+import { UsageError } from '../errors.js';
+import { assertIdentifier, identifierProblem } from './identifiers.js';
+
+export interface TableRef {
+  schema: string;
+  table: string;
+}
+
+export interface InstallReport {
+  installed: TableRef[];
+  /** Tables left alone, with the reason (no primary key, partition, odd name). */
+  skipped: Array<TableRef & { reason: string }>;
+  /** Schemas now captured as a whole (new tables included). */
+  schemas: string[];
+}
+
+/** Base tables of a schema (partitioned parents included, partitions not). */
+const SELECT_SCHEMA_TABLES = `
+SELECT c.relname::text AS table
+FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+ORDER BY c.relname`;
+
+/** Tenant schemas: everything but system schemas and public. */
+const SELECT_TENANT_SCHEMAS = `
+SELECT n.nspname::text AS schema
+FROM pg_namespace AS n
+WHERE n.nspname NOT LIKE 'pg\\_%' AND n.nspname NOT IN ('information_schema', 'public')
+  AND NOT (n.nspname = ANY ($1::text[]))
+ORDER BY n.nspname`;
+
+const SCHEMA_EXISTS = 'SELECT 1 FROM pg_namespace WHERE nspname = $1';
+
+/** Has a primary key? (checked before install, so we can report instead of failing the batch). */
+const HAS_PRIMARY_KEY = `
+SELECT EXISTS (
+  SELECT 1 FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indrelid JOIN pg_namespace AS n ON n.oid = c.relnamespace
+  WHERE n.nspname = $1 AND c.relname = $2 AND i.indisprimary) AS has_pk`;
+
+const TABLE_KIND = `
+SELECT c.relkind::text AS kind FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relname = $2`;
+
+const INSTALL = 'SELECT public.outbox_install_capture($1, $2, true) AS installed';
+const REMOVE = 'SELECT public.outbox_remove_capture($1, $2) AS removed';
+const REGISTER_SCHEMA = 'INSERT INTO public.outbox_capture_schemas (schema_name) VALUES ($1) ON CONFLICT DO NOTHING';
+const UNREGISTER_SCHEMA = 'DELETE FROM public.outbox_capture_schemas WHERE schema_name = $1';
+const SET_ALL_SCHEMAS = `
+UPDATE public.outbox_capture_settings SET all_schemas = $1, excluded_schemas = $2::text[], updated_at = now()`;
+
+async function inTransaction<T>(client: pg.ClientBase, fn: () => Promise<T>): Promise<T> {
+  await client.query('BEGIN');
+  try {
+    const out = await fn();
+    await client.query('COMMIT');
+    return out;
+  } catch (err) {
+    await client.query('ROLLBACK').catch(() => undefined);
+    throw err;
+  }
+}
+
+async function assertSchemaExists(client: pg.ClientBase, schema: string): Promise<void> {
+  const { rowCount } = await client.query(SCHEMA_EXISTS, [schema]);
+  if (!rowCount) throw new UsageError(`schema "${schema}" does not exist`);
+}
+
+async function schemaTables(client: pg.ClientBase, schema: string): Promise<string[]> {
+  const { rows } = await client.query<{ table: string }>(SELECT_SCHEMA_TABLES, [schema]);
+  return rows.map((r) => r.table);
+}
+
+/**
+ * Installs capture on the named tables of a schema, or on all its tables (and, then, on tables created
+ * there later). Named tables must exist and have a primary key; with no tables named, tables without
+ * a key are reported as skipped. All or nothing: one transaction.
+ */
+export async function installSchema(client: pg.ClientBase, schema: string, tables: readonly string[] = []): Promise<InstallReport> {
+  assertIdentifier('schema', schema);
+  tables.forEach((t) => assertIdentifier('table', t));
+  return inTransaction(client, async () => {
+    await assertSchemaExists(client, schema);
+    const report: InstallReport = { installed: [], skipped: [], schemas: [] };
+    await installTables(client, schema, tables, report);
+    return report;
+  });
+}
+
+async function installTables(client: pg.ClientBase, schema: string, tables: readonly string[], report: InstallReport): Promise<void> {
+  const wholeSchema = tables.length === 0;
+  const names = wholeSchema ? await schemaTables(client, schema) : tables;
+  for (const table of names) {
+    if (!wholeSchema) {
+      const { rows } = await client.query<{ kind: string }>(TABLE_KIND, [schema, table]);
+      const kind = rows[0]?.kind;
+      if (!kind) throw new UsageError(`table ${schema}.${table} does not exist`);
+      if (kind !== 'r' && kind !== 'p') throw new UsageError(`${schema}.${table} is not a table (a view or sequence cannot be captured)`);
+    } else {
+      const problem = identifierProblem(table);
+      if (problem) {
+        report.skipped.push({ schema, table, reason: `name ${problem}` });
+        continue;
+      }
+    }
+    const { rows } = await client.query<{ has_pk: boolean }>(HAS_PRIMARY_KEY, [schema, table]);
+    if (!rows[0]?.has_pk) {
+      if (!wholeSchema) throw new UsageError(`table ${schema}.${table} has no primary key; add one before capturing it (events are keyed by the row's primary key)`);
+      report.skipped.push({ schema, table, reason: 'no primary key' });
+      continue;
+    }
+    const res = await client.query<{ installed: boolean }>(INSTALL, [schema, table]);
+    if (res.rows[0]?.installed) report.installed.push({ schema, table });
+    else report.skipped.push({ schema, table, reason: 'partition (captured through its parent)' });
+  }
+  if (wholeSchema) {
+    await client.query(REGISTER_SCHEMA, [schema]);
+    report.schemas.push(schema);
+  }
+}
+
+/** Installs capture on every tenant schema (all but system schemas, public and `exclude`), now and later. */
+export async function installAllSchemas(client: pg.ClientBase, exclude: readonly string[] = []): Promise<InstallReport> {
+  exclude.forEach((s) => assertIdentifier('schema', s));
+  return inTransaction(client, async () => {
+    const { rows } = await client.query<{ schema: string }>(SELECT_TENANT_SCHEMAS, [exclude]);
+    const report: InstallReport = { installed: [], skipped: [], schemas: [] };
+    for (const { schema } of rows) {
+      const problem = identifierProblem(schema);
+      if (problem) {
+        report.skipped.push({ schema, table: '*', reason: `schema name ${problem}` });
+        continue;
+      }
+      await installTables(client, schema, [], report);
+    }
+    await client.query(SET_ALL_SCHEMAS, [true, exclude]);
+    return report;
+  });
+}
+
+export interface RemoveReport {
+  removed: TableRef[];
+  schemas: string[];
+}
+
+/** Removes capture from the named tables, or from a whole schema (which also stops auto-capture there). */
+export async function removeSchema(client: pg.ClientBase, schema: string, tables: readonly string[] = []): Promise<RemoveReport> {
+  assertIdentifier('schema', schema);
+  tables.forEach((t) => assertIdentifier('table', t));
+  return inTransaction(client, async () => {
+    await assertSchemaExists(client, schema);
+    const report: RemoveReport = { removed: [], schemas: [] };
+    const names = tables.length === 0 ? await schemaTables(client, schema) : tables;
+    for (const table of names) {
+      if (tables.length > 0) {
+        const { rows } = await client.query<{ kind: string }>(TABLE_KIND, [schema, table]);
+        if (!rows[0]) throw new UsageError(`table ${schema}.${table} does not exist`);
+      }
+      const res = await client.query<{ removed: boolean }>(REMOVE, [schema, table]);
+      if (res.rows[0]?.removed) report.removed.push({ schema, table });
+    }
+    if (tables.length === 0) {
+      await client.query(UNREGISTER_SCHEMA, [schema]);
+      report.schemas.push(schema);
+    }
+    return report;
+  });
+}
+
+/** Removes capture everywhere and turns off --all-schemas. */
+export async function removeAll(client: pg.ClientBase): Promise<RemoveReport> {
+  return inTransaction(client, async () => {
+    const { rows } = await client.query<TableRef>(SELECT_CAPTURED);
+    const report: RemoveReport = { removed: [], schemas: [] };
+    for (const r of rows) {
+      await client.query(REMOVE, [r.schema, r.table]);
+      report.removed.push({ schema: r.schema, table: r.table });
+    }
+    const del = await client.query<{ schema_name: string }>('DELETE FROM public.outbox_capture_schemas RETURNING schema_name');
+    report.schemas.push(...del.rows.map((r) => r.schema_name));
+    await client.query(SET_ALL_SCHEMAS, [false, []]);
+    return report;
+  });
+}
+
+/** Tables carrying our capture triggers. */
+const SELECT_CAPTURED = `
+SELECT DISTINCT n.nspname::text AS schema, c.relname::text AS table
+FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE t.tgfoid = 'public.outbox_capture()'::regprocedure
+ORDER BY 1, 2`;
+
+/**
+ * Every table that is captured or should be: tables with our triggers, plus every table of a schema
+ * captured as a whole (a table there without triggers is reported with the reason).
+ */
+const SELECT_CAPTURE_LIST = `
+WITH captured_schemas AS (
+  SELECT n.nspname::text AS schema FROM pg_namespace AS n WHERE public.outbox_schema_is_captured(n.nspname::text)
+),
+tables AS (
+  SELECT n.nspname::text AS schema, c.relname::text AS table, c.oid,
+         EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) AS has_pk,
+         (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgfoid = 'public.outbox_capture()'::regprocedure) AS triggers,
+         n.nspname IN (SELECT schema FROM captured_schemas) AS schema_captured
+  FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+  WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+)
+SELECT schema, "table", has_pk, triggers::int AS triggers, schema_captured,
+       (SELECT array_agg(a.attname::text ORDER BY k.ord)
+        FROM pg_index AS i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+        JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+        WHERE i.indrelid = tables.oid AND i.indisprimary) AS key_columns
+FROM tables
+WHERE triggers > 0 OR schema_captured
+ORDER BY schema, "table"`;
+
+export interface CaptureListing {
+  tables: Array<TableRef & { captured: boolean; keyColumns: string[]; note: string }>;
+  schemas: string[];
+  allSchemas: { enabled: boolean; excluded: string[] };
+  /** Whether tables created later are captured automatically (needs the event trigger). */
+  autoCapture: boolean;
+}
+
+/** What is captured, per table, and whether new tables will be. */
+export async function listCapture(client: pg.ClientBase): Promise<CaptureListing> {
+  const { rows } = await client.query<{
+    schema: string; table: string; has_pk: boolean; triggers: number; schema_captured: boolean; key_columns: string[] | null;
+  }>(SELECT_CAPTURE_LIST);
+  const schemas = await client.query<{ schema_name: string }>('SELECT schema_name FROM public.outbox_capture_schemas ORDER BY 1');
+  const settings = await client.query<{ all_schemas: boolean; excluded_schemas: string[] }>(
+    'SELECT all_schemas, excluded_schemas FROM public.outbox_capture_settings',
+  );
+  const evt = await client.query(`SELECT 1 FROM pg_event_trigger WHERE evtname = 'outbox_capture_new_tables' AND evtenabled <> 'D'`);
+  return {
+    tables: rows.map((r) => {
+      const captured = r.triggers === 3;
+      let note = '';
+      if (!captured) note = !r.has_pk ? 'not captured: no primary key' : r.triggers > 0 ? 'partially captured: re-run triggers install' : 'not captured yet: run triggers install';
+      return { schema: r.schema, table: r.table, captured, keyColumns: r.key_columns ?? [], note };
+    }),
+    schemas: schemas.rows.map((r) => r.schema_name),
+    allSchemas: { enabled: settings.rows[0]?.all_schemas ?? false, excluded: settings.rows[0]?.excluded_schemas ?? [] },
+    autoCapture: (evt.rowCount ?? 0) > 0,
+  };
+}

@@ -1,0 +1,40 @@
+/** `migrate` and `reset-db`: apply the schema, or (outside production) drop and re-apply it. */
+import type { Command } from 'commander';
+import { migrate, loadMigrations } from '../db/migrate.js';
+import { resetDatabase } from '../db/reset.js';
+import { OutboxError } from '../errors.js';
+import type { CommandContext } from './context.js';
+
+export function registerMigrateCommands(program: Command, ctx: () => CommandContext): void {
+  program
+    .command('migrate')
+    .description('apply the SQL migrations in sql/ (idempotent; safe to run from several replicas at once)')
+    .option('--json', 'print the result as JSON')
+    .action(async (opts: { json?: boolean }) => {
+      const c = ctx();
+      const migrations = loadMigrations();
+      const result = await c.withClient((client) => migrate(client, migrations), 'outbox-relay-migrate');
+      c.print(opts.json, { applied: result.applied, total: migrations.length }, () =>
+        result.applied.length === 0
+          ? `database is up to date (${migrations.length} migrations applied)`
+          : `applied ${result.applied.map((m) => `${String(m.version).padStart(3, '0')}_${m.name}`).join(', ')} (${migrations.length} migrations applied in all)`,
+      );
+    });
+
+  program
+    .command('reset-db')
+    .description('drop every outbox-relay table, function and capture trigger, then migrate again (refused in production)')
+    .option('--json', 'print the result as JSON')
+    .action(async (opts: { json?: boolean }) => {
+      const c = ctx();
+      if (c.config.env === 'production') {
+        throw new OutboxError('refusing to reset the database with NODE_ENV=production', 'E_REFUSED_IN_PRODUCTION');
+      }
+      const migrations = loadMigrations();
+      const result = await c.withClient(async (client) => {
+        await resetDatabase(client);
+        return migrate(client, migrations);
+      }, 'outbox-relay-reset');
+      c.print(opts.json, { reset: true, applied: result.applied }, () => `database reset: all outbox data and capture triggers dropped, ${result.applied.length} migrations applied`);
+    });
+}

@@ -1,0 +1,91 @@
+/** `triggers install|remove|list`: change capture on tenant tables. */
+import { Command } from 'commander';
+import { installAllSchemas, installSchema, listCapture, removeAll, removeSchema } from '../capture/triggers.js';
+import { UsageError } from '../errors.js';
+import type { CommandContext } from './context.js';
+import { requireMigrated } from './requireSchema.js';
+import { renderTable } from './table.js';
+
+const collect = (value: string, previous: string[]): string[] => [...previous, value];
+
+export function registerTriggerCommands(program: Command, ctx: () => CommandContext): void {
+  const triggers = program.command('triggers').description('install, remove and list change-capture triggers on tenant tables');
+
+  triggers
+    .command('install')
+    .description('capture row changes of a schema\'s tables (all of them, and tables created there later, unless --table is given)')
+    .option('--schema <schema>', 'tenant schema')
+    .option('--table <table>', 'a table of the schema (repeatable); default: every table', collect, [])
+    .option('--all-schemas', 'every tenant schema (all but system schemas and public), including schemas created later')
+    .option('--exclude <schema>', 'with --all-schemas: a schema to leave out (repeatable)', collect, [])
+    .option('--json', 'print the result as JSON')
+    .action(async (opts: { schema?: string; table: string[]; allSchemas?: boolean; exclude: string[]; json?: boolean }) => {
+      if (opts.allSchemas && (opts.schema || opts.table.length > 0)) throw new UsageError('use either --schema (with --table) or --all-schemas, not both');
+      if (!opts.allSchemas && !opts.schema) throw new UsageError('say which schema: --schema S, or --all-schemas');
+      if (!opts.allSchemas && opts.exclude.length > 0) throw new UsageError('--exclude goes with --all-schemas');
+      const c = ctx();
+      const report = await c.withClient(async (client) => {
+        await requireMigrated(client);
+        return opts.allSchemas ? installAllSchemas(client, opts.exclude) : installSchema(client, opts.schema as string, opts.table);
+      });
+      c.print(opts.json, report, () => {
+        const lines = report.installed.map((t) => `captured ${t.schema}.${t.table}`);
+        lines.push(...report.skipped.map((t) => `skipped  ${t.schema}.${t.table}: ${t.reason}`));
+        if (report.schemas.length > 0) lines.push(`schemas captured as a whole (new tables included): ${report.schemas.join(', ')}`);
+        if (report.installed.length === 0 && report.skipped.length === 0) lines.push('no tables found');
+        return lines.join('\n');
+      });
+      for (const s of report.skipped) if (s.reason === 'no primary key') c.warn(`${s.schema}.${s.table} has no primary key and is not captured`);
+    });
+
+  triggers
+    .command('remove')
+    .description('stop capturing a schema\'s tables (or only the named ones), or everything with --all')
+    .option('--schema <schema>', 'tenant schema')
+    .option('--table <table>', 'a table of the schema (repeatable); default: every table', collect, [])
+    .option('--all', 'remove capture from every table and turn off --all-schemas')
+    .option('--json', 'print the result as JSON')
+    .action(async (opts: { schema?: string; table: string[]; all?: boolean; json?: boolean }) => {
+      if (opts.all && opts.schema) throw new UsageError('use either --schema or --all, not both');
+      if (!opts.all && !opts.schema) throw new UsageError('say which schema: --schema S, or --all');
+      const c = ctx();
+      const report = await c.withClient(async (client) => {
+        await requireMigrated(client);
+        return opts.all ? removeAll(client) : removeSchema(client, opts.schema as string, opts.table);
+      });
+      c.print(opts.json, report, () =>
+        [
+          ...report.removed.map((t) => `removed capture from ${t.schema}.${t.table}`),
+          ...(report.schemas.length ? [`schemas no longer captured as a whole: ${report.schemas.join(', ')}`] : []),
+          ...(report.removed.length === 0 && report.schemas.length === 0 ? ['nothing was captured there'] : []),
+        ].join('\n'),
+      );
+    });
+
+  triggers
+    .command('list')
+    .description('which tables of which schemas are captured, and whether new tables will be')
+    .option('--json', 'print the result as JSON')
+    .action(async (opts: { json?: boolean }) => {
+      const c = ctx();
+      const listing = await c.withClient(async (client) => {
+        await requireMigrated(client);
+        return listCapture(client);
+      });
+      c.print(opts.json, listing, () => {
+        const table = listing.tables.length
+          ? renderTable(
+              ['SCHEMA', 'TABLE', 'CAPTURED', 'KEY', 'NOTE'],
+              listing.tables.map((t) => [t.schema, t.table, t.captured ? 'yes' : 'no', t.keyColumns.join(','), t.note]),
+            )
+          : 'no tables are captured';
+        const all = listing.allSchemas.enabled
+          ? `all tenant schemas are captured${listing.allSchemas.excluded.length ? ` except ${listing.allSchemas.excluded.join(', ')}` : ''}`
+          : `schemas captured as a whole: ${listing.schemas.length ? listing.schemas.join(', ') : 'none'}`;
+        const auto = listing.autoCapture
+          ? 'tables created later in captured schemas are captured automatically'
+          : 'WARNING: tables created later are NOT captured automatically (the event trigger needs a superuser to install); re-run "triggers install" after creating tables';
+        return `${table}\n\n${all}\n${auto}`;
+      });
+    });
+}

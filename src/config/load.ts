@@ -1,0 +1,203 @@
+/**
+ * Resolves the configuration once at start-up: defaults, then a JSON file (`--config` / `CONFIG_FILE`),
+ * then the environment (which wins), with every secret also readable from `<NAME>_FILE` or a systemd
+ * credential. The result is validated, frozen and passed down; no other module reads `process.env`.
+ */
+import { readFileSync } from 'node:fs';
+import { hostname } from 'node:os';
+import { join } from 'node:path';
+import convict from 'convict';
+import { ConfigError } from '../errors.js';
+import { schema, schemaEntries, sensitiveEnvNames, type Config } from './schema.js';
+
+export type Env = Readonly<Record<string, string | undefined>>;
+
+export interface LoadOptions {
+  /** Path of a JSON config file; falls back to `CONFIG_FILE`. */
+  configFile?: string | undefined;
+  /** The environment to read (default: process.env). */
+  env?: Env;
+}
+
+const TRUE_WORDS = new Set(['true', '1', 'yes', 'on']);
+const FALSE_WORDS = new Set(['false', '0', 'no', 'off']);
+
+/** A secret's value from `<NAME>_FILE` or `$CREDENTIALS_DIRECTORY/<NAME>`; strips one trailing newline. */
+function readSecretFile(name: string, path: string): string {
+  try {
+    return readFileSync(path, 'utf8').replace(/\r?\n$/, '');
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code ?? 'error';
+    throw new ConfigError(`${name}: cannot read ${path} (${code})`);
+  }
+}
+
+/**
+ * Builds the environment convict sees: secrets resolved from files, booleans and numbers checked
+ * strictly (convict would read `ENABLE_OUTBOX_PROCESSING=0` as true and `DB_PORT=54x` as 54).
+ */
+function resolveEnv(env: Env): { env: Record<string, string>; problems: string[] } {
+  const out: Record<string, string> = {};
+  const problems: string[] = [];
+  for (const [k, v] of Object.entries(env)) if (v !== undefined) out[k] = v;
+
+  const credDir = env.CREDENTIALS_DIRECTORY;
+  for (const name of sensitiveEnvNames()) {
+    const fileVar = `${name}_FILE`;
+    const direct = env[name];
+    const file = env[fileVar];
+    if (file !== undefined && file !== '') {
+      if (direct !== undefined && direct !== '') {
+        problems.push(`${name} and ${fileVar} are both set; set only one`);
+        continue;
+      }
+      try {
+        out[name] = readSecretFile(fileVar, file);
+      } catch (err) {
+        problems.push((err as ConfigError).message);
+      }
+    } else if ((direct === undefined || direct === '') && credDir) {
+      // systemd LoadCredential=NAME:/path makes $CREDENTIALS_DIRECTORY/NAME available to the service.
+      try {
+        out[name] = readFileSync(join(credDir, name), 'utf8').replace(/\r?\n$/, '');
+      } catch {
+        // No credential of that name: the secret stays unset.
+      }
+    }
+  }
+
+  for (const { path, leaf } of schemaEntries()) {
+    if (!leaf.env) continue;
+    const raw = out[leaf.env];
+    if (raw === undefined) continue;
+    if (leaf.format === Boolean) {
+      const word = raw.trim().toLowerCase();
+      if (TRUE_WORDS.has(word)) out[leaf.env] = 'true';
+      else if (FALSE_WORDS.has(word)) out[leaf.env] = 'false';
+      else problems.push(`${leaf.env} (${path}): expected true or false, got ${JSON.stringify(raw)}`);
+    } else if (leaf.format === 'nat' || leaf.format === 'port') {
+      if (!/^\d+$/.test(raw.trim())) {
+        problems.push(`${leaf.env} (${path}): expected a whole number, got ${leaf.sensitive ? '[hidden]' : JSON.stringify(raw)}`);
+      } else out[leaf.env] = raw.trim();
+    }
+  }
+  return { env: out, problems };
+}
+
+function readConfigFile(path: string): unknown {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (err) {
+    throw new ConfigError(`config file ${path}: cannot read it (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+  }
+  try {
+    return JSON.parse(text) as unknown;
+  } catch (err) {
+    throw new ConfigError(`config file ${path}: not valid JSON (${(err as Error).message})`);
+  }
+}
+
+/** Env var name of a dotted key, for messages that tell the user what to change. */
+function envNameOf(path: string): string | undefined {
+  return schemaEntries().find((e) => e.path === path)?.leaf.env;
+}
+
+/** Turns convict's multi-line validation message into one clear problem per key. */
+function convictProblems(message: string): string[] {
+  return message
+    .split('\n')
+    .map((line) => line.trim())
+    .filter(Boolean)
+    .map((line) => {
+      const m = /^([\w.]+): (.*)$/.exec(line);
+      if (m && m[1] && m[2]) {
+        const env = envNameOf(m[1]);
+        return env ? `${m[1]} (${env}): ${m[2]}` : `${m[1]}: ${m[2]}`;
+      }
+      const undeclared = /configuration param '([^']+)' not declared in the schema/.exec(line);
+      if (undeclared) return `unknown configuration key "${undeclared[1]}"`;
+      return line;
+    });
+}
+
+function checkDatabaseUrl(url: string): string | undefined {
+  if (!url) return undefined;
+  let parsed: URL;
+  try {
+    parsed = new URL(url);
+  } catch {
+    return 'database.url (DATABASE_URL): not a valid URL (expected postgres://user:password@host:port/database)';
+  }
+  if (parsed.protocol !== 'postgres:' && parsed.protocol !== 'postgresql:') {
+    return `database.url (DATABASE_URL): scheme must be postgres:// or postgresql://, got ${parsed.protocol}//`;
+  }
+  return undefined;
+}
+
+/** Relations between keys that no single format can express. */
+function crossChecks(c: Config): string[] {
+  const problems: string[] = [];
+  const urlProblem = checkDatabaseUrl(c.database.url);
+  if (urlProblem) problems.push(urlProblem);
+  if (c.database.poolMax < 2) problems.push('database.poolMax (DB_POOL_MAX): must be at least 2');
+  if (c.relay.fanoutBatchSize < 1 || c.relay.fanoutBatchSize > 10_000) problems.push('relay.fanoutBatchSize (RELAY_FANOUT_BATCH_SIZE): must be 1 to 10000');
+  if (c.relay.claimBatchSize < 1 || c.relay.claimBatchSize > 10_000) problems.push('relay.claimBatchSize (RELAY_CLAIM_BATCH_SIZE): must be 1 to 10000');
+  if (c.relay.pollIntervalMs < 50) problems.push('relay.pollIntervalMs (RELAY_POLL_INTERVAL_MS): must be at least 50');
+  if (c.relay.leaseMs < c.webhook.timeoutMs + 1_000) {
+    problems.push(`relay.leaseMs (RELAY_LEASE_MS): must exceed webhook.timeoutMs (WEBHOOK_TIMEOUT_MS) by at least 1000 ms, or a slow send would be re-claimed by another replica`);
+  }
+  if (c.webhook.timeoutMs < 100) problems.push('webhook.timeoutMs (WEBHOOK_TIMEOUT_MS): must be at least 100');
+  if (c.webhook.maxInFlight < 1 || c.webhook.maxInFlight > 1000) problems.push('webhook.maxInFlight (WEBHOOK_MAX_IN_FLIGHT): must be 1 to 1000');
+  if (c.webhook.circuitFailureThreshold < 1) problems.push('webhook.circuitFailureThreshold (CIRCUIT_FAILURE_THRESHOLD): must be at least 1');
+  if (c.webhook.circuitCooldownMs > c.webhook.circuitMaxCooldownMs) {
+    problems.push('webhook.circuitCooldownMs (CIRCUIT_COOLDOWN_MS): must not exceed webhook.circuitMaxCooldownMs (CIRCUIT_MAX_COOLDOWN_MS)');
+  }
+  if (c.retry.maxAttempts < 1 || c.retry.maxAttempts > 1000) problems.push('retry.maxAttempts (RETRY_MAX_ATTEMPTS): must be 1 to 1000');
+  if (c.retry.baseMs < 1) problems.push('retry.baseMs (RETRY_BASE_MS): must be at least 1');
+  if (c.retry.baseMs > c.retry.maxMs) problems.push('retry.baseMs (RETRY_BASE_MS): must not exceed retry.maxMs (RETRY_MAX_MS)');
+  if (c.retention.batchSize < 1) problems.push('retention.batchSize (RETENTION_BATCH_SIZE): must be at least 1');
+  if (c.retention.days < 1) problems.push('retention.days (RETENTION_DAYS): must be at least 1');
+  if (c.retention.deadDays < c.retention.days) problems.push('retention.deadDays (RETENTION_DEAD_DAYS): must be at least retention.days (RETENTION_DAYS)');
+  return problems;
+}
+
+function deepFreeze<T>(o: T): T {
+  if (o && typeof o === 'object') {
+    for (const v of Object.values(o)) deepFreeze(v);
+    Object.freeze(o);
+  }
+  return o;
+}
+
+/**
+ * Loads, validates and freezes the configuration. Throws {@link ConfigError} naming every offending
+ * key (never a secret's value).
+ */
+export function loadConfig(options: LoadOptions = {}): Config {
+  const rawEnv = options.env ?? process.env;
+  const { env, problems } = resolveEnv(rawEnv);
+  // convict reads env and args itself; give it our resolved env and no argv (the CLI owns argv).
+  const conf = convict(schema as unknown as convict.Schema<Config>, { env, args: [] });
+  const file = options.configFile ?? rawEnv.CONFIG_FILE;
+  if (file) {
+    try {
+      conf.load(readConfigFile(file) as Partial<Config>);
+    } catch (err) {
+      if (err instanceof ConfigError) throw err;
+      problems.push(...convictProblems((err as Error).message));
+    }
+  }
+  try {
+    conf.validate({ allowed: 'strict' });
+  } catch (err) {
+    problems.push(...convictProblems((err as Error).message));
+  }
+  if (problems.length > 0) throw new ConfigError(problems);
+
+  const config = conf.getProperties() as Config;
+  if (!config.relay.workerId) config.relay.workerId = `${hostname()}:${process.pid}`;
+  const cross = crossChecks(config);
+  if (cross.length > 0) throw new ConfigError(cross);
+  return deepFreeze(config);
+}

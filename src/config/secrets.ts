@@ -1,0 +1,100 @@
+/**
+ * Secret strength rules and secret generation (the seed's `generate-secrets` / `validate-env`).
+ * Pure functions: they never print or log a secret's value.
+ */
+import { randomBytes } from 'node:crypto';
+import type { Config } from './schema.js';
+
+/** A secret this tool knows: where it lives in the config, its env name and its minimum strength. */
+export interface SecretSpec {
+  key: keyof Config['secrets'];
+  env: string;
+  /** Minimum length in characters. */
+  minLength: number;
+  /** Minimum estimated entropy in bits. */
+  minBits: number;
+  generate: () => string;
+}
+
+export const SECRET_SPECS: readonly SecretSpec[] = [
+  { key: 'jwtSecret', env: 'JWT_SECRET', minLength: 32, minBits: 128, generate: () => randomBytes(32).toString('hex') },
+  { key: 'refreshTokenSecret', env: 'REFRESH_TOKEN_SECRET', minLength: 32, minBits: 128, generate: () => randomBytes(32).toString('hex') },
+  { key: 'tenantHashSalt', env: 'TENANT_HASH_SALT', minLength: 16, minBits: 96, generate: () => randomBytes(32).toString('base64') },
+  { key: 'tenantEntropySource', env: 'TENANT_ENTROPY_SOURCE', minLength: 16, minBits: 64, generate: () => randomBytes(24).toString('base64url') },
+];
+
+/** Words and shapes of values that were typed by a person or copied from an example. */
+const DEFAULT_LOOKING = [
+  /change[-_ ]?me/i,
+  /changeit/i,
+  /^(secret|password|passwd|default|example|sample|test|dev|admin|token|key|salt)\w{0,8}$/i,
+  /your[-_ ]/i,
+  /placeholder/i,
+  /replace[-_ ]?(this|me)/i,
+  /cryptographically_secure/i,
+  /secure_(base64_salt|password)/i,
+  /unique_deployment_string/i,
+  /different_secure/i,
+  /^x+$/i,
+  /(.)\1{7,}/, // eight or more of the same character in a row
+  /0123456789|123456|abcdef(?![0-9a-f]{20})|qwerty/i,
+];
+
+/**
+ * Shannon entropy of the value's own characters, times its length: a rough upper bound of the
+ * bits an attacker must guess. Random hex of 64 chars scores ~256; "passwordpassword" scores ~40.
+ */
+export function estimateBits(value: string): number {
+  if (value.length === 0) return 0;
+  const counts = new Map<string, number>();
+  for (const ch of value) counts.set(ch, (counts.get(ch) ?? 0) + 1);
+  let perChar = 0;
+  for (const n of counts.values()) {
+    const p = n / value.length;
+    perChar -= p * Math.log2(p);
+  }
+  return perChar * value.length;
+}
+
+/** What is wrong with one secret's value, or undefined when it is strong enough. */
+export function weaknessOf(spec: SecretSpec, value: string): string | undefined {
+  if (value.length === 0) return `${spec.env} is missing`;
+  if (value.length < spec.minLength) return `${spec.env} is too short (${value.length} characters; at least ${spec.minLength})`;
+  if (DEFAULT_LOOKING.some((re) => re.test(value))) return `${spec.env} looks like a default or example value`;
+  const bits = estimateBits(value);
+  if (bits < spec.minBits) return `${spec.env} has too little entropy (about ${Math.floor(bits)} bits; at least ${spec.minBits})`;
+  return undefined;
+}
+
+/**
+ * Checks secrets. `required` lists the ones the caller needs (missing = problem); any secret that is
+ * set is checked for strength in production, needed or not. Returns every problem at once.
+ */
+export function secretProblems(config: Config, required: readonly (keyof Config['secrets'])[]): string[] {
+  const problems: string[] = [];
+  for (const spec of SECRET_SPECS) {
+    const value = config.secrets[spec.key];
+    if (!value) {
+      if (required.includes(spec.key)) problems.push(`${spec.env} is missing (set it, or ${spec.env}_FILE; \`outbox-relay generate-secrets\` makes one)`);
+      continue;
+    }
+    if (config.env === 'production') {
+      const weak = weaknessOf(spec, value);
+      if (weak) problems.push(weak);
+    }
+  }
+  if (config.env === 'production' && config.secrets.jwtSecret && config.secrets.jwtSecret === config.secrets.refreshTokenSecret) {
+    problems.push('JWT_SECRET and REFRESH_TOKEN_SECRET must differ');
+  }
+  return problems;
+}
+
+/** Fresh values for every secret, in env-file order; each passes {@link weaknessOf}. */
+export function generateSecrets(): Array<{ env: string; value: string }> {
+  return SECRET_SPECS.map((spec) => {
+    // Random output can, very rarely, contain a pattern the checks refuse (e.g. "123456"): draw again.
+    let value = spec.generate();
+    while (weaknessOf(spec, value)) value = spec.generate();
+    return { env: spec.env, value };
+  });
+}

@@ -1,0 +1,56 @@
+/**
+ * PostgreSQL connection settings and pools. One place decides how we connect, so the relay, the
+ * LISTEN client, the CLI and the API sidecar all agree.
+ */
+import pg from 'pg';
+import type { Config } from '../config/schema.js';
+
+export type DatabaseConfig = Config['database'];
+
+/** Connection options for node-postgres from our config (`DATABASE_URL` wins over `DB_*`). */
+export function connectionOptions(db: DatabaseConfig, applicationName = db.applicationName): pg.ClientConfig {
+  const ssl = db.ssl === 'disable' ? undefined : db.ssl === 'require' ? { rejectUnauthorized: false } : { rejectUnauthorized: true };
+  const common: pg.ClientConfig = {
+    application_name: applicationName,
+    connectionTimeoutMillis: db.connectTimeoutMs,
+    keepAlive: true,
+    keepAliveInitialDelayMillis: 10_000,
+  };
+  if (ssl) common.ssl = ssl;
+  if (db.url) return { ...common, connectionString: db.url };
+  return { ...common, host: db.host, port: db.port, database: db.name, user: db.user, password: db.password };
+}
+
+/** Where we connect, for messages: host, port and database, never the password. */
+export function describeTarget(db: DatabaseConfig): string {
+  if (db.url) {
+    try {
+      const u = new URL(db.url);
+      return `${u.hostname || 'localhost'}:${u.port || '5432'}/${decodeURIComponent(u.pathname.replace(/^\//, '')) || u.username || 'postgres'}`;
+    } catch {
+      return '(DATABASE_URL)';
+    }
+  }
+  return `${db.host}:${db.port}/${db.name}`;
+}
+
+export interface PoolOptions {
+  max?: number;
+  applicationName?: string;
+  /** statement_timeout for every connection of the pool (0 = none). */
+  statementTimeoutMs?: number;
+  /** Called for errors of idle clients (a restarted server); without a handler they would crash the process. */
+  onError?: (err: Error) => void;
+}
+
+/** A pool with keep-alive, a connect timeout and a handler for errors of idle clients. */
+export function createPool(db: DatabaseConfig, options: PoolOptions = {}): pg.Pool {
+  const pool = new pg.Pool({
+    ...connectionOptions(db, options.applicationName),
+    max: options.max ?? db.poolMax,
+    idleTimeoutMillis: 30_000,
+    ...(options.statementTimeoutMs ? { statement_timeout: options.statementTimeoutMs } : {}),
+  });
+  pool.on('error', (err) => options.onError?.(err));
+  return pool;
+}
