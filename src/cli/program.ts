@@ -3,20 +3,17 @@
  * Every error becomes one line on stderr and an exit status (configuration errors: 78); a stack trace
  * is printed only with OUTBOX_RELAY_DEBUG=1.
  */
-import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
 import { CommandContext, processIo, type CliIo } from './context.js';
 import { registerMigrateCommands } from './migrateCommands.js';
 import { registerSecretCommands } from './secretCommands.js';
 import { registerTenantCommands } from './tenantCommands.js';
 import { registerTriggerCommands } from './triggerCommands.js';
+import { registerSubscriptionCommands } from './subscriptionCommands.js';
+import { registerRunCommand } from './runCommand.js';
+import { packageVersion } from './version.js';
 import { EXIT, toOutboxError } from '../errors.js';
 
-/** The package version, read from package.json next to dist/ or src/. */
-export function packageVersion(): string {
-  const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
-  return pkg.version;
-}
 
 /** Builds the command tree. Exported for tests, which run commands in-process with their own io. */
 export function buildProgram(io: CliIo): { program: Command; context: () => CommandContext } {
@@ -35,7 +32,8 @@ export function buildProgram(io: CliIo): { program: Command; context: () => Comm
       writeOut: (s) => io.stdout(s),
       writeErr: (s) => io.stderr(s),
       // One line: commander's message plus where to look.
-      outputError: (s, write) => write(`outbox-relay: ${s.trim()} (see --help)\n`),
+      // (commander puts its "(Did you mean --x?)" suggestion on a line of its own: joined.)
+      outputError: (s, write) => write(`outbox-relay: ${s.trim().replace(/\s*\n\s*/g, ' ')} (see --help)\n`),
     })
     .exitOverride();
 
@@ -43,6 +41,8 @@ export function buildProgram(io: CliIo): { program: Command; context: () => Comm
   registerTriggerCommands(program, ctx);
   registerTenantCommands(program, ctx);
   registerSecretCommands(program, ctx);
+  registerSubscriptionCommands(program, ctx);
+  registerRunCommand(program, ctx);
 
   // Subcommands inherit output settings and the exit override, so usage errors are handled alike.
   const configure = (cmd: Command): void => {
@@ -67,7 +67,10 @@ export async function runCli(argv: readonly string[], io: CliIo = processIo): Pr
     return EXIT.ok;
   } catch (err) {
     if (err instanceof CommanderError) {
-      if (err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help') return EXIT.ok;
+      if (err.code === 'commander.helpDisplayed' || err.code === 'commander.version') return EXIT.ok;
+      // 'commander.help' is both `help` (exit 0) and a missing subcommand (`triggers` alone: help on
+      // stderr, exit 1): the latter is a usage error, like a bare `outbox-relay`.
+      if (err.code === 'commander.help') return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
       // commander has already printed its one-line message.
       return EXIT.usage;
     }

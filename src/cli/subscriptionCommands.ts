@@ -1,0 +1,165 @@
+/** `subscriptions add|list|enable|disable|rotate-secret` and `replay`. */
+import type { Command } from 'commander';
+import { UsageError } from '../errors.js';
+import { parseEventFilter } from '../relay/eventFilter.js';
+import {
+  addSubscription,
+  disableSubscription,
+  enableSubscription,
+  listSubscriptions,
+  parseSubscriptionId,
+  replay,
+  rotateSecret,
+} from '../subscriptions/store.js';
+import type { CommandContext } from './context.js';
+import { requireMigrated } from './requireSchema.js';
+import { renderTable } from './table.js';
+import { secretCipherFor } from './cipher.js';
+
+const collect = (value: string, previous: string[]): string[] => [...previous, value];
+
+function parseTime(name: string, value: string | undefined): Date | undefined {
+  if (value === undefined) return undefined;
+  const d = new Date(value);
+  if (Number.isNaN(d.getTime())) throw new UsageError(`${name} must be an ISO 8601 time such as 2026-11-26T10:00:00Z, got ${JSON.stringify(value)}`);
+  return d;
+}
+
+export function registerSubscriptionCommands(program: Command, ctx: () => CommandContext): void {
+  const subs = program.command('subscriptions').description('webhook subscriptions: one per tenant and delivering user');
+
+  subs
+    .command('add')
+    .description('subscribe a URL to a tenant\'s events, delivered as a user (prints the id and, once, the signing secret)')
+    .requiredOption('--tenant <schema>', 'tenant (its schema name)')
+    .requiredOption('--user <id>', 'the user the relay acknowledges as (integer)')
+    .requiredOption('--url <url>', 'where to POST (https; http outside production)')
+    .option('--processor <name>', 'processor name written in acknowledgments', 'flowgram.ai')
+    .option('--events <filter>', 'event types, comma-separated, "*" wildcards (e.g. "vendors_*,projects_update"); default all')
+    .option('--secret <whsec>', 'signing secret to use (default: a new random one)')
+    .option('--ordering <mode>', '"aggregate" (one aggregate\'s events in commit order) or "none" (fastest)', 'aggregate')
+    .option('--max-in-flight <n>', 'concurrent requests per relay replica')
+    .option('--timeout-ms <ms>', 'request timeout')
+    .option('--json', 'print {"id":…,"secret":…}')
+    .action(async (opts: { tenant: string; user: string; url: string; processor: string; events?: string; secret?: string; ordering: string; maxInFlight?: string; timeoutMs?: string; json?: boolean }) => {
+      const c = ctx();
+      const cfg = c.config;
+      const result = await c.withClient(async (client) => {
+        await requireMigrated(client);
+        return addSubscription(
+          client,
+          { tenant: opts.tenant, userId: opts.user, url: opts.url, processor: opts.processor, events: opts.events, secret: opts.secret, ordering: opts.ordering, maxInFlight: opts.maxInFlight, timeoutMs: opts.timeoutMs },
+          { production: cfg.env === 'production', allowHttp: cfg.webhook.allowHttp, allowPrivateTargets: cfg.webhook.allowPrivateTargets },
+          { maxInFlight: cfg.webhook.maxInFlight, timeoutMs: cfg.webhook.timeoutMs },
+          secretCipherFor(c),
+        );
+      });
+      c.print(opts.json, result, () => `subscription ${result.id} created\nsigning secret (shown once, give it to the receiver): ${result.secret}`);
+    });
+
+  subs
+    .command('list')
+    .description('list subscriptions with their pending and dead deliveries (never their secrets)')
+    .option('--tenant <schema>', 'only this tenant')
+    .option('--json', 'print as JSON')
+    .action(async (opts: { tenant?: string; json?: boolean }) => {
+      const c = ctx();
+      const rows = await c.withClient(async (client) => {
+        await requireMigrated(client);
+        return listSubscriptions(client, opts.tenant);
+      });
+      c.print(opts.json, rows, () =>
+        rows.length === 0
+          ? 'no subscriptions'
+          : renderTable(
+              ['ID', 'TENANT', 'USER', 'URL', 'EVENTS', 'ORDERING', 'ENABLED', 'PENDING', 'DEAD'],
+              rows.map((r) => [r.id, r.tenant, r.userId, r.url, r.eventTypes.length ? r.eventTypes.join(',') : '*', r.ordering, r.enabled ? 'yes' : `no (${r.disabledReason ?? ''})`, r.pending, r.dead]),
+            ),
+      );
+    });
+
+  subs
+    .command('enable')
+    .description('enable a subscription (deliveries kept after a 410 Gone resume)')
+    .argument('<id>', 'subscription id')
+    .option('--json', 'print as JSON')
+    .action(async (id: string, opts: { json?: boolean }) => {
+      const c = ctx();
+      const sid = parseSubscriptionId(id);
+      await c.withClient(async (client) => {
+        await requireMigrated(client);
+        await enableSubscription(client, sid);
+      });
+      c.print(opts.json, { id: sid, enabled: true }, () => `subscription ${sid} enabled`);
+    });
+
+  subs
+    .command('disable')
+    .description('disable a subscription: it receives nothing; its pending deliveries end as dead (requeue them with "replay")')
+    .argument('<id>', 'subscription id')
+    .option('--reason <text>', 'why (shown in list and in the dead deliveries)', 'disabled by an operator')
+    .option('--json', 'print as JSON')
+    .action(async (id: string, opts: { reason: string; json?: boolean }) => {
+      const c = ctx();
+      const sid = parseSubscriptionId(id);
+      const ended = await c.withClient(async (client) => {
+        await requireMigrated(client);
+        return disableSubscription(client, sid, opts.reason.slice(0, 200));
+      });
+      c.print(opts.json, { id: sid, enabled: false, deadDeliveries: ended }, () =>
+        `subscription ${sid} disabled${ended ? `; ${ended} pending deliveries are now dead (requeue: outbox-relay replay --subscription ${sid}, after enabling it)` : ''}`,
+      );
+    });
+
+  subs
+    .command('rotate-secret')
+    .description('new signing secret; the old one keeps signing beside it for the grace period (WEBHOOK_SECRET_GRACE_MS)')
+    .argument('<id>', 'subscription id')
+    .option('--secret <whsec>', 'the new secret (default: a new random one)')
+    .option('--grace-ms <ms>', 'how long the old secret keeps signing')
+    .option('--json', 'print {"id":…,"secret":…,"previousValidUntil":…}')
+    .action(async (id: string, opts: { secret?: string; graceMs?: string; json?: boolean }) => {
+      const c = ctx();
+      const sid = parseSubscriptionId(id);
+      let grace = c.config.webhook.secretGraceMs;
+      if (opts.graceMs !== undefined) {
+        if (!/^\d+$/.test(opts.graceMs)) throw new UsageError(`--grace-ms must be a whole number of milliseconds, got ${JSON.stringify(opts.graceMs)}`);
+        grace = Number(opts.graceMs);
+      }
+      const res = await c.withClient(async (client) => {
+        await requireMigrated(client);
+        return rotateSecret(client, sid, grace, opts.secret, secretCipherFor(c));
+      });
+      c.print(opts.json, { id: sid, ...res }, () => `new signing secret of subscription ${sid} (shown once): ${res.secret}\nthe previous secret signs too until ${res.previousValidUntil || 'now'}`);
+    });
+
+  program
+    .command('replay')
+    .description('requeue dead deliveries (default), or re-send already delivered events with --delivered; prints how many')
+    .option('--subscription <id>', 'a subscription (repeatable)', collect, [])
+    .option('--tenant <schema>', 'events of this tenant')
+    .option('--event-type <filter>', 'event types, comma-separated, "*" wildcards')
+    .option('--since <time>', 'events created at or after (ISO 8601)')
+    .option('--until <time>', 'events created before (ISO 8601)')
+    .option('--delivered', 're-send events that were delivered (or predate the subscription) instead of requeuing dead ones')
+    .option('--json', 'print {"queued":N}')
+    .action(async (opts: { subscription: string[]; tenant?: string; eventType?: string; since?: string; until?: string; delivered?: boolean; json?: boolean }) => {
+      const c = ctx();
+      const subscriptionIds = opts.subscription.map((s) => parseSubscriptionId(s));
+      const eventTypes = opts.eventType !== undefined ? parseEventFilter(opts.eventType) : undefined;
+      const since = parseTime('--since', opts.since);
+      const until = parseTime('--until', opts.until);
+      const queued = await c.withClient(async (client) => {
+        await requireMigrated(client);
+        return replay(client, {
+          mode: opts.delivered ? 'delivered' : 'dead',
+          subscriptionIds,
+          ...(opts.tenant !== undefined ? { tenant: opts.tenant } : {}),
+          ...(eventTypes ? { eventTypes } : {}),
+          ...(since ? { since } : {}),
+          ...(until ? { until } : {}),
+        });
+      });
+      c.print(opts.json, { queued }, () => `${queued} deliveries queued`);
+    });
+}

@@ -1,0 +1,7 @@
+/** The package version, read from package.json (two levels above both src/cli and dist/cli). */
+import { readFileSync } from 'node:fs';
+
+export function packageVersion(): string {
+  const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+  return pkg.version;
+}

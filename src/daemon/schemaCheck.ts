@@ -1,0 +1,55 @@
+/** Waits until the database is reachable and its schema matches this version (or migrates it). */
+import type pg from 'pg';
+import { appliedVersions, loadMigrations, migrate } from '../db/migrate.js';
+import { OutboxError, isRetryableDbError, toOutboxError } from '../errors.js';
+import type { Logger } from '../log.js';
+
+export interface SchemaCheckOptions {
+  pool: pg.Pool;
+  logger: Logger;
+  migrate: boolean;
+  signal: AbortSignal;
+}
+
+/**
+ * Resolves when the schema is current. A database that is down or starting is waited for (with
+ * backoff, logged); a schema that is behind is an error unless `migrate` is set.
+ */
+export async function ensureSchema(options: SchemaCheckOptions): Promise<void> {
+  const expected = loadMigrations();
+  for (let attempt = 1; ; attempt++) {
+    if (options.signal.aborted) throw new OutboxError('stopped while waiting for the database', 'E_STOPPED');
+    try {
+      const client = await options.pool.connect();
+      try {
+        if (options.migrate) {
+          const res = await migrate(client, expected);
+          if (res.applied.length) options.logger.info({ applied: res.applied.map((m) => `${m.version}_${m.name}`) }, 'migrations applied');
+        }
+        const applied = await appliedVersions(client);
+        const missing = expected.filter((m) => !applied.includes(m.version));
+        if (missing.length) {
+          throw new OutboxError(
+            `the database schema is missing migration${missing.length > 1 ? 's' : ''} ${missing.map((m) => `${m.version}_${m.name}`).join(', ')}; run "outbox-relay migrate" (or start with --migrate)`,
+            'E_NOT_MIGRATED',
+          );
+        }
+        return;
+      } finally {
+        client.release();
+      }
+    } catch (err) {
+      if (err instanceof OutboxError && err.code !== 'E_MIGRATION') throw err;
+      if (!isRetryableDbError(err)) throw toOutboxError(err);
+      const delay = Math.min(10_000, 250 * 2 ** Math.min(attempt, 6));
+      if (attempt === 1 || attempt % 10 === 0) options.logger.warn({ err: (err as Error).message, attempt, retryInMs: delay }, 'database not reachable yet; waiting');
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, delay);
+        options.signal.addEventListener('abort', () => {
+          clearTimeout(t);
+          resolve();
+        }, { once: true });
+      });
+    }
+  }
+}

@@ -1,0 +1,540 @@
+/**
+ * The relay engine: wakes up, fans new events out to deliveries, claims due deliveries within each
+ * subscription's free capacity, sends them, and records outcomes in batches.
+ *
+ * Wakeup paths (any one suffices; NOTIFY is only a latency hint): a claim at start, LISTEN on
+ * outbox_wakeup, a slow safety poll, a timer for the earliest due retry or lease end, an immediate
+ * re-claim while work keeps coming, and a re-claim after every recorded batch of outcomes.
+ * No transaction is open while a request is in flight: claims are leases (sql/005).
+ */
+import { EventEmitter } from 'node:events';
+import type pg from 'pg';
+import type { Config } from '../config/schema.js';
+import { connectionOptions } from '../db/connection.js';
+import { isRetryableDbError } from '../errors.js';
+import type { Logger } from '../log.js';
+import { plainCipher, type SecretCipher } from '../subscriptions/secretCipher.js';
+import { SUBSCRIPTIONS_CHANNEL } from '../subscriptions/store.js';
+import { WebhookSender, type SendResult } from '../webhook/sendWebhook.js';
+import { webhookId } from '../webhook/signPayload.js';
+import { CircuitBreaker, type CircuitState } from './circuitBreaker.js';
+import { CompletionBuffer, type CompletionItem } from './completionBuffer.js';
+import { eventBody } from './eventBody.js';
+import { decideOutcome, type Outcome } from './outcome.js';
+import { loadActiveSubscriptions, signingKeys, type ActiveSubscription } from './subscriptionCache.js';
+import { WakeupListener } from './wakeupListener.js';
+
+export const WAKEUP_CHANNEL = 'outbox_wakeup';
+
+/** Fans out one batch of new events; returns how many (a full batch means: call again). */
+const FAN_OUT = 'SELECT public.outbox_fan_out($1, $2) AS n';
+/** Claims due deliveries per subscription within capacity, leased to this worker. */
+const CLAIM = 'SELECT * FROM public.outbox_claim($1::bigint[], $2::int[], $3, $4)';
+/** When the next ready delivery of these subscriptions falls due. */
+const NEXT_DUE = 'SELECT extract(epoch FROM public.outbox_next_due($1::bigint[])) * 1000 AS at';
+/** Gives back leases that were never used. */
+const RELEASE = 'SELECT public.outbox_release($1, $2::bigint[], $3::int[], $4::boolean[]) AS n';
+const SET_NOTIFY_MODE = 'UPDATE public.outbox_relay_state SET notify_mode = $1, updated_at = now() WHERE notify_mode IS DISTINCT FROM $1';
+/** "A relay is waiting: writers, please NOTIFY" (only used with notify mode idle). */
+const SET_IDLE = 'UPDATE public.outbox_relay_state SET relay_idle = $1, updated_at = now() WHERE relay_idle IS DISTINCT FROM $1';
+
+interface ClaimedRow {
+  delivery_id: string;
+  event_id: string;
+  subscription_id: string;
+  attempt: number;
+  max_attempts: number;
+  tenant: string;
+  event_type: string;
+  aggregate_id: string;
+  aggregate_type: string;
+  payload: string;
+  created_at: string;
+}
+
+/** One finished attempt, as reported to metrics and logs. */
+export interface AttemptReport {
+  subscriptionId: number;
+  tenant: string;
+  eventId: string;
+  deliveryId: string;
+  attempt: number;
+  maxAttempts: number;
+  outcome: Outcome;
+  result: SendResult;
+}
+
+/** Typed events of the relay: metrics and logs hang off these rather than off the code paths. */
+export interface RelayEvents {
+  fanout: [events: number, durationMs: number];
+  claim: [deliveries: number, durationMs: number];
+  attempt: [report: AttemptReport];
+  circuit: [subscriptionId: number, tenant: string, state: CircuitState];
+  listen: [up: boolean];
+  'db-error': [error: unknown];
+  subscriptions: [count: number];
+  idle: [];
+}
+
+interface SubState {
+  sub: ActiveSubscription;
+  inflight: number;
+  breaker: CircuitBreaker;
+  active: boolean;
+}
+
+export interface RelayOptions {
+  config: Config;
+  pool: pg.Pool;
+  logger: Logger;
+  cipher?: SecretCipher;
+  userAgent: string;
+  random?: () => number;
+  /** Listen for NOTIFY (default: unless notify mode is off). */
+  listen?: boolean;
+  /** Reload subscriptions this often even without a NOTIFY. */
+  subscriptionRefreshMs?: number;
+}
+
+export class Relay extends EventEmitter<RelayEvents> {
+  private readonly config: Config;
+  private readonly pool: pg.Pool;
+  private readonly log: Logger;
+  private readonly cipher: SecretCipher;
+  private readonly random: () => number;
+  private readonly sender: WebhookSender;
+  private readonly listener: WakeupListener | undefined;
+  private readonly completions: CompletionBuffer;
+  private readonly subs = new Map<number, SubState>();
+  private readonly inflight = new Set<Promise<void>>();
+  private readonly sendAbort = new AbortController();
+
+  private accepting = false;
+  private started = false;
+  private stopPromise: Promise<void> | undefined;
+  private pumping: Promise<void> | undefined;
+  private wanted = false;
+  private fanoutWanted = true;
+  private refreshWanted = false;
+  private idleFlagged = false;
+  private dbFailures = 0;
+  private claimCursor = 0;
+  private pollTimer: NodeJS.Timeout | undefined;
+  private dueTimer: NodeJS.Timeout | undefined;
+  private retryTimer: NodeJS.Timeout | undefined;
+  private refreshTimer: NodeJS.Timeout | undefined;
+  private healthy = false;
+
+  constructor(private readonly options: RelayOptions) {
+    super();
+    this.config = options.config;
+    this.pool = options.pool;
+    this.log = options.logger;
+    this.cipher = options.cipher ?? plainCipher;
+    this.random = options.random ?? Math.random;
+    const w = this.config.webhook;
+    this.sender = new WebhookSender({
+      connectTimeoutMs: w.connectTimeoutMs,
+      maxResponseBytes: w.maxResponseBytes,
+      allowPrivateTargets: w.allowPrivateTargets,
+      retryAfterMaxMs: this.config.retry.retryAfterMaxMs,
+      userAgent: options.userAgent,
+    });
+    const listen = options.listen ?? this.config.relay.notifyMode !== 'off';
+    if (listen) {
+      this.listener = new WakeupListener({
+        connection: connectionOptions(this.config.database, `${this.config.database.applicationName}-listen`),
+        channels: [WAKEUP_CHANNEL, SUBSCRIPTIONS_CHANNEL],
+        logger: this.log,
+      });
+      this.listener.on('notification', (channel) => this.onNotification(channel));
+      this.listener.on('connected', () => {
+        this.emit('listen', true);
+        // Notifications sent while we were not listening are lost: look for work now.
+        this.idleFlagged = false;
+        this.refreshWanted = true;
+        this.wake();
+      });
+      this.listener.on('disconnected', () => this.emit('listen', false));
+    }
+    this.completions = new CompletionBuffer({
+      pool: this.pool,
+      workerId: this.config.relay.workerId,
+      logger: this.log,
+      onFlushed: () => this.kick(),
+      onError: (err) => this.onDbError(err, 'recording outcomes'),
+    });
+  }
+
+  /** Whether the LISTEN connection is up (always true when not listening). */
+  get listening(): boolean {
+    return this.listener ? this.listener.up : true;
+  }
+
+  /** Whether the last database round trip succeeded. */
+  get databaseHealthy(): boolean {
+    return this.healthy;
+  }
+
+  /** Deliveries being sent right now. */
+  get inFlight(): number {
+    return this.inflight.size;
+  }
+
+  /** Circuit state per subscription (for metrics and status). */
+  circuits(): Array<{ subscriptionId: number; tenant: string; state: CircuitState }> {
+    return [...this.subs.values()].filter((s) => s.active).map((s) => ({ subscriptionId: s.sub.id, tenant: s.sub.tenant, state: s.breaker.state }));
+  }
+
+  /**
+   * Connects, loads subscriptions and starts relaying (or waits in standby when
+   * ENABLE_OUTBOX_PROCESSING=false). Resolves once running; database trouble is retried in the
+   * background, never fatal.
+   */
+  async start(): Promise<void> {
+    if (this.started) return;
+    this.started = true;
+    if (!this.config.relay.enabled) {
+      this.log.info('standby: ENABLE_OUTBOX_PROCESSING=false, connected but claiming nothing');
+      await this.checkDatabase();
+      return;
+    }
+    this.accepting = true;
+    try {
+      await this.pool.query(SET_NOTIFY_MODE, [this.config.relay.notifyMode]);
+      await this.refreshSubscriptions();
+      this.healthy = true;
+    } catch (err) {
+      this.onDbError(err, 'starting');
+    }
+    if (this.listener) await this.listener.start();
+    this.pollTimer = setInterval(() => {
+      this.fanoutWanted = true;
+      this.kick();
+    }, this.config.relay.pollIntervalMs);
+    this.refreshTimer = setInterval(() => {
+      this.refreshWanted = true;
+      this.kick();
+    }, this.options.subscriptionRefreshMs ?? 10_000);
+    this.log.info(
+      { worker: this.config.relay.workerId, notifyMode: this.config.relay.notifyMode, subscriptions: this.subs.size },
+      'relay started',
+    );
+    this.wake();
+  }
+
+  /** In standby, readiness still needs a database that answers. */
+  private async checkDatabase(): Promise<void> {
+    try {
+      await this.pool.query('SELECT 1');
+      this.healthy = true;
+    } catch (err) {
+      this.onDbError(err, 'connecting');
+    }
+  }
+
+  private onNotification(channel: string): void {
+    if (!this.accepting) return;
+    if (channel === SUBSCRIPTIONS_CHANNEL) this.refreshWanted = true;
+    this.wake();
+  }
+
+  /** New work may exist: fan out and claim. */
+  private wake(): void {
+    this.fanoutWanted = true;
+    this.kick();
+  }
+
+  /** Runs the pump now, or once more right after the current run. */
+  private kick(): void {
+    if (!this.accepting) return;
+    this.wanted = true;
+    if (this.pumping) return;
+    this.pumping = this.pump().finally(() => {
+      this.pumping = undefined;
+      if (this.wanted) this.kick();
+    });
+  }
+
+  private async pump(): Promise<void> {
+    try {
+      while (this.wanted && this.accepting) {
+        this.wanted = false;
+        if (this.refreshWanted) await this.refreshSubscriptions();
+        if (await this.cycle()) {
+          // Work is flowing: look again at once (new events may have come in meanwhile).
+          this.wanted = true;
+          this.fanoutWanted = true;
+          if (this.idleFlagged) {
+            // Busy from now on: writers may stop notifying (each NOTIFY serializes commits).
+            this.idleFlagged = false;
+            await this.pool.query(SET_IDLE, [false]);
+          }
+        }
+      }
+      if (this.dbFailures > 0) this.log.info('database reachable again');
+      this.dbFailures = 0;
+      this.healthy = true;
+      if (this.accepting) await this.settle();
+    } catch (err) {
+      this.wanted = false; // the retry timer takes over; no tight loop on a dead database
+      this.onDbError(err, 'relaying');
+    }
+  }
+
+  /** One round: fan out new events, claim within capacity, start sending. True if anything happened. */
+  private async cycle(): Promise<boolean> {
+    let progress = false;
+    if (this.fanoutWanted) {
+      this.fanoutWanted = false;
+      const batch = this.config.relay.fanoutBatchSize;
+      for (;;) {
+        const t0 = performance.now();
+        const { rows } = await this.pool.query<{ n: number }>(FAN_OUT, [batch, this.config.retry.maxAttempts]);
+        const n = rows[0]?.n ?? 0;
+        this.emit('fanout', n, performance.now() - t0);
+        if (n > 0) progress = true;
+        if (n < batch || !this.accepting) break;
+      }
+    }
+    const { ids, caps } = this.capacities();
+    if (ids.length === 0) return progress;
+    const t0 = performance.now();
+    const { rows } = await this.pool.query<ClaimedRow>(CLAIM, [ids, caps, this.config.relay.leaseMs, this.config.relay.workerId]);
+    this.emit('claim', rows.length, performance.now() - t0);
+    if (rows.length > 0) progress = true;
+    const unused: ClaimedRow[] = [];
+    for (const row of rows) {
+      const st = this.subs.get(Number(row.subscription_id));
+      if (!st || !st.active || !this.accepting) unused.push(row);
+      else this.dispatch(st, row);
+    }
+    if (unused.length) await this.release(unused, true);
+    return progress;
+  }
+
+  /**
+   * Free capacity per subscription: its in-flight limit minus what is in flight, as the circuit
+   * allows, shared out up to the claim batch size starting at a rotating subscription (fairness).
+   */
+  private capacities(): { ids: number[]; caps: number[] } {
+    const states = [...this.subs.values()].filter((s) => s.active);
+    const ids: number[] = [];
+    const caps: number[] = [];
+    let budget = this.config.relay.claimBatchSize;
+    const n = states.length;
+    this.claimCursor = n ? (this.claimCursor + 1) % n : 0;
+    for (let i = 0; i < n && budget > 0; i++) {
+      const st = states[(this.claimCursor + i) % n] as SubState;
+      const cap = Math.min(st.breaker.allowance(Math.max(0, st.sub.maxInFlight - st.inflight)), budget);
+      if (cap > 0) {
+        ids.push(st.sub.id);
+        caps.push(cap);
+        budget -= cap;
+      }
+    }
+    return { ids, caps };
+  }
+
+  private dispatch(st: SubState, row: ClaimedRow): void {
+    st.inflight++;
+    st.breaker.onStart();
+    const p = this.deliver(st, row).catch((err: unknown) => {
+      this.log.error({ err: err instanceof Error ? err.message : String(err), deliveryId: row.delivery_id }, 'unexpected error while delivering');
+    });
+    this.inflight.add(p);
+    void p.finally(() => {
+      this.inflight.delete(p);
+      st.inflight--;
+    });
+  }
+
+  private async deliver(st: SubState, row: ClaimedRow): Promise<void> {
+    const sub = st.sub;
+    const body = eventBody({
+      id: row.event_id,
+      tenant: row.tenant,
+      event_type: row.event_type,
+      aggregate_id: row.aggregate_id,
+      aggregate_type: row.aggregate_type,
+      payload: row.payload,
+      created_at: row.created_at,
+    });
+    const result = await this.sender.send({
+      url: sub.url,
+      webhookId: webhookId(row.event_id, sub.id),
+      body,
+      keys: signingKeys(sub),
+      timeoutMs: sub.timeoutMs,
+      signal: this.sendAbort.signal,
+    });
+    const aborted = result.error?.code === 'aborted';
+    const outcome = decideOutcome(result, row.attempt, row.max_attempts, this.config.retry, this.random);
+    if (!aborted) {
+      const changed = st.breaker.record(result.ok);
+      if (changed) {
+        this.emit('circuit', sub.id, sub.tenant, changed);
+        const retryAt = st.breaker.retryAt;
+        this.log[changed === 'closed' ? 'info' : 'warn'](
+          { tenant: sub.tenant, subscription: sub.id, state: changed, ...(retryAt ? { probeAt: new Date(retryAt).toISOString() } : {}) },
+          changed === 'open' ? 'circuit opened: deliveries to this subscription pause (no attempts burned)' : `circuit ${changed}`,
+        );
+        if (retryAt) this.armDueTimer(retryAt - Date.now());
+      }
+    }
+    if (outcome.kind === 'gone') {
+      st.active = false;
+      this.log.warn({ tenant: sub.tenant, subscription: sub.id }, 'receiver answered 410 Gone: subscription disabled, its deliveries are kept for when it is enabled again');
+    }
+    this.emit('attempt', {
+      subscriptionId: sub.id,
+      tenant: sub.tenant,
+      eventId: row.event_id,
+      deliveryId: row.delivery_id,
+      attempt: row.attempt,
+      maxAttempts: row.max_attempts,
+      outcome,
+      result,
+    });
+    const item: CompletionItem = {
+      deliveryId: row.delivery_id,
+      attempt: row.attempt,
+      kind: aborted ? 'retry' : outcome.kind,
+      httpStatus: result.status ?? null,
+      error: result.error ? `${result.error.code}: ${result.error.message}` : null,
+      delayMs: aborted ? 0 : outcome.delayMs,
+      durationMs: result.durationMs,
+    };
+    this.completions.push(item);
+  }
+
+  private async release(rows: ClaimedRow[], unsent: boolean): Promise<void> {
+    await this.pool.query(RELEASE, [
+      this.config.relay.workerId,
+      rows.map((r) => r.delivery_id),
+      rows.map((r) => r.attempt),
+      rows.map(() => unsent),
+    ]);
+  }
+
+  /**
+   * Nothing more to do right now: arm the timer for the next due delivery and, in notify mode idle,
+   * ask writers to NOTIFY (then look once more, for events committed before they saw the flag).
+   */
+  private async settle(): Promise<void> {
+    if (this.inflight.size > 0 || this.completions.size > 0) return; // outcomes will kick us
+    const active = [...this.subs.values()].filter((s) => s.active);
+    if (active.length > 0) {
+      const { rows } = await this.pool.query<{ at: number | null }>(NEXT_DUE, [active.map((s) => s.sub.id)]);
+      const at = rows[0]?.at;
+      if (at !== null && at !== undefined) this.armDueTimer(Number(at) - Date.now());
+      for (const s of active) {
+        const retryAt = s.breaker.retryAt;
+        if (retryAt) this.armDueTimer(retryAt - Date.now());
+      }
+    }
+    if (this.config.relay.notifyMode === 'idle' && !this.idleFlagged) {
+      this.idleFlagged = true;
+      await this.pool.query(SET_IDLE, [true]);
+      this.emit('idle');
+      // One more look: a writer that read the flag before we set it did not notify.
+      this.fanoutWanted = true;
+      this.wanted = true;
+    } else {
+      this.emit('idle');
+    }
+  }
+
+  private armDueTimer(inMs: number): void {
+    const delay = Math.max(5, Math.min(inMs + 5, this.config.relay.pollIntervalMs));
+    if (this.dueTimer) clearTimeout(this.dueTimer);
+    this.dueTimer = setTimeout(() => {
+      this.dueTimer = undefined;
+      this.kick();
+    }, delay);
+  }
+
+  private async refreshSubscriptions(): Promise<void> {
+    this.refreshWanted = false;
+    const { subscriptions, problems } = await loadActiveSubscriptions(this.pool, this.cipher);
+    for (const p of problems) this.log.error({ subscription: p.subscriptionId, problem: p.message }, 'subscription skipped');
+    const seen = new Set<number>();
+    const w = this.config.webhook;
+    for (const sub of subscriptions) {
+      seen.add(sub.id);
+      const st = this.subs.get(sub.id);
+      if (st) {
+        st.sub = sub;
+        st.active = true;
+      } else {
+        this.subs.set(sub.id, {
+          sub,
+          inflight: 0,
+          active: true,
+          breaker: new CircuitBreaker({ threshold: w.circuitFailureThreshold, cooldownMs: w.circuitCooldownMs, maxCooldownMs: w.circuitMaxCooldownMs }),
+        });
+      }
+    }
+    for (const [id, st] of this.subs) {
+      if (seen.has(id)) continue;
+      st.active = false;
+      if (st.inflight === 0) this.subs.delete(id);
+    }
+    this.emit('subscriptions', seen.size);
+  }
+
+  private onDbError(err: unknown, doing: string): void {
+    this.healthy = false;
+    this.dbFailures++;
+    this.emit('db-error', err);
+    const message = err instanceof Error ? err.message : String(err);
+    const retryable = isRetryableDbError(err);
+    if (this.dbFailures === 1 || this.dbFailures % 20 === 0) {
+      this.log[retryable ? 'warn' : 'error']({ err: message, failures: this.dbFailures }, `database error while ${doing}; retrying`);
+    }
+    if (!this.accepting || this.retryTimer) return;
+    const delay = Math.min(5_000, 100 * 2 ** Math.min(this.dbFailures, 6)) * (0.5 + this.random() / 2);
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = undefined;
+      this.refreshWanted = true;
+      this.fanoutWanted = true;
+      this.kick();
+    }, delay);
+  }
+
+  /**
+   * Stops in order: stop listening and claiming, let in-flight sends finish within
+   * RELAY_SHUTDOWN_TIMEOUT_MS (then abort them), record every outcome, close the HTTP pools.
+   * Idempotent: every call returns the same promise. The caller closes the database pool.
+   */
+  stop(): Promise<void> {
+    this.stopPromise ??= this.shutdown();
+    return this.stopPromise;
+  }
+
+  private async shutdown(): Promise<void> {
+    this.accepting = false;
+    for (const t of [this.pollTimer, this.refreshTimer]) if (t) clearInterval(t);
+    for (const t of [this.dueTimer, this.retryTimer]) if (t) clearTimeout(t);
+    await this.listener?.stop().catch(() => undefined);
+    await this.pumping?.catch(() => undefined);
+    if (this.inflight.size > 0) {
+      this.log.info({ inFlight: this.inflight.size }, 'waiting for in-flight deliveries');
+      let timer: NodeJS.Timeout | undefined;
+      const timedOut = await Promise.race([
+        Promise.allSettled([...this.inflight]).then(() => false),
+        new Promise<boolean>((r) => (timer = setTimeout(() => r(true), this.config.relay.shutdownTimeoutMs))),
+      ]);
+      if (timer) clearTimeout(timer);
+      if (timedOut) {
+        this.log.warn({ inFlight: this.inflight.size }, 'shutdown timeout: aborting in-flight deliveries (they are retried)');
+        this.sendAbort.abort();
+        await Promise.allSettled([...this.inflight]);
+      }
+    }
+    this.completions.close();
+    await this.completions.drain();
+    await this.sender.destroy().catch(() => undefined);
+    this.log.info('relay stopped');
+  }
+}

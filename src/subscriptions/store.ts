@@ -1,0 +1,256 @@
+/**
+ * Subscriptions: create, list, enable, disable, rotate secrets, replay. Validation happens here
+ * (identifiers, URLs, filters, secrets); the SQL is parameterized, and queue changes go through the
+ * functions of sql/006 that hold the lane lock.
+ */
+import type pg from 'pg';
+import { assertIdentifier } from '../capture/identifiers.js';
+import { UsageError } from '../errors.js';
+import { parseEventFilter } from '../relay/eventFilter.js';
+import { generateSigningSecret, secretKey } from '../webhook/secret.js';
+import { validateWebhookUrl, type UrlPolicy } from '../webhook/validateUrl.js';
+import { type SecretCipher, plainCipher } from './secretCipher.js';
+
+/** Channel on which relays hear that subscriptions changed (they reload at once). */
+export const SUBSCRIPTIONS_CHANNEL = 'outbox_subscriptions';
+
+export type Ordering = 'aggregate' | 'none';
+
+export interface NewSubscription {
+  tenant: string;
+  userId: number | string;
+  url: string;
+  processor?: string;
+  events?: string;
+  secret?: string;
+  ordering?: string;
+  maxInFlight?: number | string;
+  timeoutMs?: number | string;
+}
+
+export interface SubscriptionDefaults {
+  maxInFlight: number;
+  timeoutMs: number;
+}
+
+export interface SubscriptionRow {
+  id: number;
+  tenant: string;
+  userId: number;
+  processor: string;
+  url: string;
+  eventTypes: string[];
+  ordering: Ordering;
+  maxInFlight: number;
+  timeoutMs: number;
+  enabled: boolean;
+  disabledReason: string | null;
+  createdAt: string;
+  pending: number;
+  dead: number;
+  secrets: number;
+}
+
+function parseIntIn(name: string, value: number | string, min: number, max: number): number {
+  const text = String(value).trim();
+  if (!/^\d+$/.test(text)) throw new UsageError(`${name} must be a whole number from ${min} to ${max}, got ${JSON.stringify(String(value))}`);
+  const n = Number(text);
+  if (n < min || n > max) throw new UsageError(`${name} must be from ${min} to ${max}, got ${n}`);
+  return n;
+}
+
+/** A user id as the seed has them: a positive 32-bit integer. */
+export function parseUserId(value: number | string): number {
+  return parseIntIn('user id', value, 1, 2_147_483_647);
+}
+
+export function parseSubscriptionId(value: number | string): number {
+  return parseIntIn('subscription id', value, 1, Number.MAX_SAFE_INTEGER);
+}
+
+function parseOrdering(value: string | undefined): Ordering {
+  if (value === undefined || value === 'aggregate') return 'aggregate';
+  if (value === 'none') return 'none';
+  throw new UsageError(`ordering must be "aggregate" or "none", got ${JSON.stringify(value)}`);
+}
+
+function parseProcessor(value: string | undefined): string {
+  const p = value ?? 'flowgram.ai';
+  if (p.length < 1 || p.length > 100 || /[\u0000-\u001f]/.test(p)) throw new UsageError('processor must be 1 to 100 printable characters');
+  return p;
+}
+
+async function notifyChanged(client: pg.ClientBase): Promise<void> {
+  await client.query('SELECT pg_notify($1, $2)', [SUBSCRIPTIONS_CHANNEL, 'changed']);
+}
+
+const INSERT_SUBSCRIPTION = `
+INSERT INTO public.outbox_subscriptions (tenant, user_id, processor, url, event_types, ordering, max_in_flight, timeout_ms)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+RETURNING id`;
+
+const INSERT_SECRET = 'INSERT INTO public.outbox_subscription_secrets (subscription_id, secret, expires_at) VALUES ($1, $2, $3)';
+
+/**
+ * Creates a subscription and returns its id and secret (the only time the secret is shown).
+ * One subscription per (tenant, user): acknowledgments are unique per event and user.
+ */
+export async function addSubscription(
+  client: pg.ClientBase,
+  input: NewSubscription,
+  policy: UrlPolicy,
+  defaults: SubscriptionDefaults,
+  cipher: SecretCipher = plainCipher,
+): Promise<{ id: number; secret: string }> {
+  const tenant = assertIdentifier('schema', input.tenant);
+  const userId = parseUserId(input.userId);
+  const url = validateWebhookUrl(input.url, policy).toString();
+  const processor = parseProcessor(input.processor);
+  const events = parseEventFilter(input.events);
+  const ordering = parseOrdering(input.ordering);
+  const maxInFlight = input.maxInFlight === undefined ? defaults.maxInFlight : parseIntIn('max in-flight', input.maxInFlight, 1, 1000);
+  const timeoutMs = input.timeoutMs === undefined ? defaults.timeoutMs : parseIntIn('timeout (ms)', input.timeoutMs, 100, 600_000);
+  const secret = input.secret ?? generateSigningSecret();
+  secretKey(secret);
+  await client.query('BEGIN');
+  try {
+    const { rows } = await client.query<{ id: string }>(INSERT_SUBSCRIPTION, [tenant, userId, processor, url, events, ordering, maxInFlight, timeoutMs]);
+    const id = Number(rows[0]?.id);
+    await client.query(INSERT_SECRET, [id, cipher.encrypt(secret), null]);
+    await notifyChanged(client);
+    await client.query('COMMIT');
+    return { id, secret };
+  } catch (err) {
+    await client.query('ROLLBACK').catch(() => undefined);
+    if ((err as { code?: string }).code === '23505') {
+      const { rows } = await client.query<{ id: string }>('SELECT id FROM public.outbox_subscriptions WHERE tenant = $1 AND user_id = $2', [tenant, userId]);
+      throw new UsageError(
+        `user ${userId} already has subscription ${rows[0]?.id ?? '?'} in tenant ${tenant}; acknowledgments are per event and user, so a user has one subscription per tenant (use a separate user id per receiver)`,
+      );
+    }
+    throw err;
+  }
+}
+
+const SELECT_SUBSCRIPTIONS = `
+SELECT s.id::int, s.tenant, s.user_id AS "userId", s.processor, s.url, s.event_types AS "eventTypes", s.ordering,
+       s.max_in_flight AS "maxInFlight", s.timeout_ms AS "timeoutMs", s.enabled, s.disabled_reason AS "disabledReason",
+       to_char(s.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS "createdAt",
+       (SELECT count(*)::int FROM public.outbox_deliveries d WHERE d.subscription_id = s.id AND d.state <> 'dead') AS pending,
+       (SELECT count(*)::int FROM public.outbox_deliveries d WHERE d.subscription_id = s.id AND d.state = 'dead') AS dead,
+       (SELECT count(*)::int FROM public.outbox_subscription_secrets k WHERE k.subscription_id = s.id
+          AND (k.expires_at IS NULL OR k.expires_at > now())) AS secrets
+FROM public.outbox_subscriptions s
+WHERE ($1::text IS NULL OR s.tenant = $1)
+ORDER BY s.id`;
+
+export async function listSubscriptions(client: pg.ClientBase, tenant?: string): Promise<SubscriptionRow[]> {
+  if (tenant !== undefined) assertIdentifier('schema', tenant);
+  const { rows } = await client.query<SubscriptionRow>(SELECT_SUBSCRIPTIONS, [tenant ?? null]);
+  return rows;
+}
+
+async function requireSubscription(client: pg.ClientBase, id: number): Promise<{ enabled: boolean }> {
+  const { rows } = await client.query<{ enabled: boolean }>('SELECT enabled FROM public.outbox_subscriptions WHERE id = $1', [id]);
+  if (!rows[0]) throw new UsageError(`subscription ${id} does not exist`);
+  return rows[0];
+}
+
+/** Enables a subscription; deliveries kept by a 410 Gone resume. */
+export async function enableSubscription(client: pg.ClientBase, idInput: number | string): Promise<void> {
+  const id = parseSubscriptionId(idInput);
+  await requireSubscription(client, id);
+  await client.query(
+    'UPDATE public.outbox_subscriptions SET enabled = true, disabled_reason = NULL, disabled_at = NULL, updated_at = now() WHERE id = $1',
+    [id],
+  );
+  await notifyChanged(client);
+}
+
+/** Disables a subscription; its pending deliveries end as dead (replayable). Returns how many. */
+export async function disableSubscription(client: pg.ClientBase, idInput: number | string, reason = 'disabled by an operator'): Promise<number> {
+  const id = parseSubscriptionId(idInput);
+  await requireSubscription(client, id);
+  const { rows } = await client.query<{ n: number }>('SELECT public.outbox_disable_subscription($1, $2) AS n', [id, reason]);
+  await notifyChanged(client);
+  return rows[0]?.n ?? 0;
+}
+
+/**
+ * A new signing secret; the previous ones keep signing until `graceMs` from now, so receivers can
+ * switch without rejecting anything. Returns the new secret (shown once).
+ */
+export async function rotateSecret(client: pg.ClientBase, idInput: number | string, graceMs: number, newSecret?: string, cipher: SecretCipher = plainCipher): Promise<{ secret: string; previousValidUntil: string }> {
+  const id = parseSubscriptionId(idInput);
+  const secret = newSecret ?? generateSigningSecret();
+  secretKey(secret);
+  await client.query('BEGIN');
+  try {
+    const { rowCount } = await client.query('SELECT 1 FROM public.outbox_subscriptions WHERE id = $1 FOR UPDATE', [id]);
+    if (!rowCount) throw new UsageError(`subscription ${id} does not exist`);
+    const { rows } = await client.query<{ until: string }>(
+      `UPDATE public.outbox_subscription_secrets
+       SET expires_at = least(coalesce(expires_at, 'infinity'), now() + $2 * interval '1 millisecond')
+       WHERE subscription_id = $1 AND (expires_at IS NULL OR expires_at > now())
+       RETURNING to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS until`,
+      [id, graceMs],
+    );
+    // Secrets that stopped signing long ago are of no further use.
+    await client.query("DELETE FROM public.outbox_subscription_secrets WHERE subscription_id = $1 AND expires_at < now() - interval '7 days'", [id]);
+    await client.query(INSERT_SECRET, [id, cipher.encrypt(secret), null]);
+    await notifyChanged(client);
+    await client.query('COMMIT');
+    return { secret, previousValidUntil: rows[0]?.until ?? '' };
+  } catch (err) {
+    await client.query('ROLLBACK').catch(() => undefined);
+    throw err;
+  }
+}
+
+export interface ReplayFilter {
+  mode: 'dead' | 'delivered';
+  subscriptionIds?: number[];
+  tenant?: string;
+  eventTypes?: string[];
+  since?: Date;
+  until?: Date;
+}
+
+/** Requeues in bounded batches (each one short transaction); returns how many deliveries were queued. */
+export async function replay(client: pg.ClientBase, filter: ReplayFilter, batchSize = 5_000): Promise<number> {
+  if (filter.tenant !== undefined) assertIdentifier('schema', filter.tenant);
+  if (!filter.subscriptionIds?.length && filter.tenant === undefined) {
+    throw new UsageError('replay needs --subscription or --tenant (replaying every tenant at once is almost never meant)');
+  }
+  if (filter.since && filter.until && filter.since >= filter.until) throw new UsageError('--since must be before --until');
+  if (filter.subscriptionIds?.length) {
+    const { rows } = await client.query<{ id: number }>('SELECT id::int FROM public.outbox_subscriptions WHERE id = ANY($1::bigint[])', [filter.subscriptionIds]);
+    const found = new Set(rows.map((r) => r.id));
+    const missing = filter.subscriptionIds.filter((id) => !found.has(id));
+    if (missing.length) throw new UsageError(`subscription ${missing.join(', ')} does not exist`);
+  }
+  let cursor = '0';
+  let total = 0;
+  for (;;) {
+    const { rows } = await client.query<{ queued: number; last_event_id: string | null }>(
+      'SELECT queued, last_event_id FROM public.outbox_replay($1, $2, $3, $4, $5, $6, $7, $8)',
+      [
+        filter.mode,
+        filter.subscriptionIds?.length ? filter.subscriptionIds : null,
+        filter.tenant ?? null,
+        filter.eventTypes?.length ? filter.eventTypes : null,
+        filter.since ?? null,
+        filter.until ?? null,
+        cursor,
+        batchSize,
+      ],
+    );
+    const row = rows[0];
+    if (!row || row.last_event_id === null) break;
+    total += row.queued;
+    cursor = row.last_event_id;
+  }
+  if (total > 0) await notifyChanged(client);
+  return total;
+}
+
