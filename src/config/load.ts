@@ -33,6 +33,23 @@ function readSecretFile(name: string, path: string): string {
 }
 
 /**
+ * Strict reading of a boolean or whole-number setting given as text (convict's own coercion reads
+ * `0` or `no` as true and `54x` as 54). Undefined for settings of other formats.
+ */
+function strictText(format: unknown, raw: string): { value: boolean | number } | { error: string } | undefined {
+  if (format === Boolean) {
+    const word = raw.trim().toLowerCase();
+    if (TRUE_WORDS.has(word)) return { value: true };
+    if (FALSE_WORDS.has(word)) return { value: false };
+    return { error: 'expected true or false' };
+  }
+  if (format === 'nat' || format === 'port') {
+    return /^\d+$/.test(raw.trim()) ? { value: Number(raw.trim()) } : { error: 'expected a whole number' };
+  }
+  return undefined;
+}
+
+/**
  * Builds the environment convict sees: secrets resolved from files, booleans and numbers checked
  * strictly (convict would read `ENABLE_OUTBOX_PROCESSING=0` as true and `DB_PORT=54x` as 54).
  */
@@ -60,8 +77,11 @@ function resolveEnv(env: Env): { env: Record<string, string>; problems: string[]
       // systemd LoadCredential=NAME:/path makes $CREDENTIALS_DIRECTORY/NAME available to the service.
       try {
         out[name] = readFileSync(join(credDir, name), 'utf8').replace(/\r?\n$/, '');
-      } catch {
-        // No credential of that name: the secret stays unset.
+      } catch (err) {
+        // No credential of that name: the secret stays unset. One that exists but cannot be read is a
+        // problem (reporting it as "missing" later would send the operator looking in the wrong place).
+        const code = (err as NodeJS.ErrnoException).code ?? 'error';
+        if (code !== 'ENOENT') problems.push(`${name}: cannot read credential ${join(credDir, name)} (${code})`);
       }
     }
   }
@@ -70,32 +90,75 @@ function resolveEnv(env: Env): { env: Record<string, string>; problems: string[]
     if (!leaf.env) continue;
     const raw = out[leaf.env];
     if (raw === undefined) continue;
-    if (leaf.format === Boolean) {
-      const word = raw.trim().toLowerCase();
-      if (TRUE_WORDS.has(word)) out[leaf.env] = 'true';
-      else if (FALSE_WORDS.has(word)) out[leaf.env] = 'false';
-      else problems.push(`${leaf.env} (${path}): expected true or false, got ${JSON.stringify(raw)}`);
-    } else if (leaf.format === 'nat' || leaf.format === 'port') {
-      if (!/^\d+$/.test(raw.trim())) {
-        problems.push(`${leaf.env} (${path}): expected a whole number, got ${leaf.sensitive ? '[hidden]' : JSON.stringify(raw)}`);
-      } else out[leaf.env] = raw.trim();
-    }
+    const parsed = strictText(leaf.format, raw);
+    if (parsed === undefined) continue;
+    if ('error' in parsed) {
+      problems.push(`${leaf.env} (${path}): ${parsed.error}, got ${leaf.sensitive ? '[hidden]' : JSON.stringify(raw)}`);
+      // Reported once, here: convict would otherwise report (or silently coerce) the same value again.
+      delete out[leaf.env];
+    } else out[leaf.env] = typeof parsed.value === 'boolean' ? String(parsed.value) : raw.trim();
   }
   return { env: out, problems };
 }
 
-function readConfigFile(path: string): unknown {
+function readConfigFile(path: string): Record<string, unknown> {
   let text: string;
   try {
     text = readFileSync(path, 'utf8');
   } catch (err) {
     throw new ConfigError(`config file ${path}: cannot read it (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
   }
+  let parsed: unknown;
   try {
-    return JSON.parse(text) as unknown;
+    parsed = JSON.parse(text) as unknown;
   } catch (err) {
-    throw new ConfigError(`config file ${path}: not valid JSON (${(err as Error).message})`);
+    throw new ConfigError(`config file ${path}: not valid JSON (${jsonErrorWhere(text, (err as Error).message)})`);
   }
+  if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) {
+    throw new ConfigError(`config file ${path}: must contain a JSON object, like {"database": {"host": "db"}}`);
+  }
+  return parsed as Record<string, unknown>;
+}
+
+/**
+ * What is wrong with a JSON text and where, without quoting it: V8's messages embed a piece of the
+ * file (`Unexpected token 'x', "…" is not valid JSON`), and config files hold secrets.
+ */
+function jsonErrorWhere(text: string, message: string): string {
+  // Cut V8's snippet (`, "…"`, `, …"…"`) and the offending character itself (it is the file's, not syntax).
+  const what =
+    (message.split(/,\s*(?:\.\.\.)?"|\s+in JSON\b|\s+at position\b|\s+is not valid JSON/)[0] ?? '').replace(/^(Unexpected token)\s*'.*'$/, '$1').trim() || 'syntax error';
+  const at = /at position (\d+)/.exec(message);
+  if (!at) return what;
+  const before = text.slice(0, Number(at[1]));
+  const line = before.split('\n').length;
+  const column = before.length - before.lastIndexOf('\n');
+  return `${what} at line ${line}, column ${column}`;
+}
+
+/**
+ * The file's strings for boolean and number keys get the environment's strict reading (convict alone
+ * would load `"enabled": "no"` as true and `"port": "54x"` as 54). Bad ones are reported and dropped.
+ */
+function strictFileValues(file: string, data: Record<string, unknown>): string[] {
+  const problems: string[] = [];
+  for (const { path, leaf } of schemaEntries()) {
+    const keys = path.split('.');
+    const last = keys.pop() as string;
+    let parent: unknown = data;
+    for (const k of keys) parent = parent && typeof parent === 'object' ? (parent as Record<string, unknown>)[k] : undefined;
+    if (!parent || typeof parent !== 'object') continue;
+    const holder = parent as Record<string, unknown>;
+    const raw = holder[last];
+    if (typeof raw !== 'string') continue;
+    const parsed = strictText(leaf.format, raw);
+    if (parsed === undefined) continue;
+    if ('error' in parsed) {
+      problems.push(`${path}${leaf.env ? ` (${leaf.env})` : ''}: ${parsed.error} in config file ${file}, got ${leaf.sensitive ? '[hidden]' : JSON.stringify(raw)}`);
+      delete holder[last];
+    } else holder[last] = parsed.value;
+  }
+  return problems;
 }
 
 /** Env var name of a dotted key, for messages that tell the user what to change. */
@@ -182,10 +245,13 @@ export function loadConfig(options: LoadOptions = {}): Config {
   const file = options.configFile ?? rawEnv.CONFIG_FILE;
   if (file) {
     try {
-      conf.load(readConfigFile(file) as Partial<Config>);
+      const data = readConfigFile(file);
+      problems.push(...strictFileValues(file, data));
+      conf.load(data as Partial<Config>);
     } catch (err) {
-      if (err instanceof ConfigError) throw err;
-      problems.push(...convictProblems((err as Error).message));
+      // Collected, not thrown: every problem (file and environment alike) is reported at once.
+      if (err instanceof ConfigError) problems.push(...err.problems);
+      else problems.push(...convictProblems((err as Error).message));
     }
   }
   try {
@@ -193,11 +259,13 @@ export function loadConfig(options: LoadOptions = {}): Config {
   } catch (err) {
     problems.push(...convictProblems((err as Error).message));
   }
-  if (problems.length > 0) throw new ConfigError(problems);
 
   const config = conf.getProperties() as Config;
   if (!config.relay.workerId) config.relay.workerId = `${hostname()}:${process.pid}`;
-  const cross = crossChecks(config);
-  if (cross.length > 0) throw new ConfigError(cross);
+  // Cross-field checks run even when single keys failed (so a bad DATABASE_URL is not hidden behind
+  // a bad DB_PORT), but say nothing more about a key that already has a problem.
+  const reported = new Set(problems.flatMap((p) => /^([\w.]+) \(([\w.]+)\)/.exec(p)?.slice(1, 3) ?? []));
+  problems.push(...crossChecks(config).filter((p) => !reported.has(/^([\w.]+)/.exec(p)?.[1] ?? '')));
+  if (problems.length > 0) throw new ConfigError(problems);
   return deepFreeze(config);
 }

@@ -41,10 +41,16 @@ const DEFAULT_LOOKING = [
 ];
 
 /**
- * Shannon entropy of the value's own characters, times its length: a rough upper bound of the
- * bits an attacker must guess. Random hex of 64 chars scores ~256; "passwordpassword" scores ~40.
+ * A rough upper bound of the bits an attacker must guess: the Shannon entropy of the value's own
+ * characters, counted only for characters that are not a repeat (4+ characters, LZ77-style) of
+ * something earlier in the value; each repeat costs about log2(length) bits (where it points).
+ * Without the repeat discount a word repeated to any length would pass ("password" x 8 scored 176
+ * bits). Random hex of 64 chars scores ~240; "passwordpassword…" ~30 whatever its length.
  */
-export function estimateBits(value: string): number {
+export function estimateBits(whole: string): number {
+  // Quadratic below: look at no more than any real secret needs (a NAME_FILE pointing at a big file
+  // must not hang validate-env).
+  const value = whole.slice(0, 1024);
   if (value.length === 0) return 0;
   const counts = new Map<string, number>();
   for (const ch of value) counts.set(ch, (counts.get(ch) ?? 0) + 1);
@@ -53,7 +59,25 @@ export function estimateBits(value: string): number {
     const p = n / value.length;
     perChar -= p * Math.log2(p);
   }
-  return perChar * value.length;
+  let novel = 0;
+  let repeats = 0;
+  for (let i = 0; i < value.length; ) {
+    // Longest run starting at i that already began earlier (overlap allowed, as in "aaaa…").
+    let len = 0;
+    while (i + len < value.length) {
+      const at = value.indexOf(value.slice(i, i + len + 1));
+      if (at === -1 || at >= i) break;
+      len++;
+    }
+    if (len >= 4) {
+      repeats++;
+      i += len;
+    } else {
+      novel++;
+      i++;
+    }
+  }
+  return perChar * novel + repeats * Math.log2(value.length);
 }
 
 /** What is wrong with one secret's value, or undefined when it is strong enough. */
