@@ -78,7 +78,12 @@ export interface RelayEvents {
 
 interface SubState {
   sub: ActiveSubscription;
+  /** Requests being sent. */
   inflight: number;
+  /** Claimed (leased) deliveries waiting for a free slot: prefetched so sending never waits for a claim. */
+  queue: ClaimedRow[];
+  /** The last claim returned less than asked: nothing more is due until new work arrives. */
+  drained: boolean;
   breaker: CircuitBreaker;
   active: boolean;
 }
@@ -245,10 +250,11 @@ export class Relay extends EventEmitter<RelayEvents> {
     this.kick();
   }
 
-  /** Runs the pump now, or once more right after the current run. */
+  /** Runs the pump now, or once more right after the current run. Every run also fans out. */
   private kick(): void {
     if (!this.accepting) return;
     this.wanted = true;
+    this.fanoutWanted = true;
     if (this.pumping) return;
     this.pumping = this.pump().finally(() => {
       this.pumping = undefined;
@@ -303,19 +309,30 @@ export class Relay extends EventEmitter<RelayEvents> {
     const { rows } = await this.pool.query<ClaimedRow>(CLAIM, [ids, caps, this.config.relay.leaseMs, this.config.relay.workerId]);
     this.emit('claim', rows.length, performance.now() - t0);
     if (rows.length > 0) progress = true;
+    const got = new Map<number, number>();
     const unused: ClaimedRow[] = [];
     for (const row of rows) {
-      const st = this.subs.get(Number(row.subscription_id));
+      const id = Number(row.subscription_id);
+      got.set(id, (got.get(id) ?? 0) + 1);
+      const st = this.subs.get(id);
       if (!st || !st.active || !this.accepting) unused.push(row);
-      else this.dispatch(st, row);
+      else st.queue.push(row);
     }
+    ids.forEach((id, i) => {
+      const st = this.subs.get(id);
+      if (st) {
+        st.drained = (got.get(id) ?? 0) < (caps[i] ?? 0);
+        this.startSends(st);
+      }
+    });
     if (unused.length) await this.release(unused, true);
     return progress;
   }
 
   /**
-   * Free capacity per subscription: its in-flight limit minus what is in flight, as the circuit
-   * allows, shared out up to the claim batch size starting at a rotating subscription (fairness).
+   * Free capacity per subscription: up to twice its in-flight limit may be claimed (half of it
+   * queued, so a claim's round trip never leaves the receiver idle), as the circuit allows, shared out
+   * up to the claim batch size starting at a rotating subscription (fairness).
    */
   private capacities(): { ids: number[]; caps: number[] } {
     const states = [...this.subs.values()].filter((s) => s.active);
@@ -326,7 +343,20 @@ export class Relay extends EventEmitter<RelayEvents> {
     this.claimCursor = n ? (this.claimCursor + 1) % n : 0;
     for (let i = 0; i < n && budget > 0; i++) {
       const st = states[(this.claimCursor + i) % n] as SubState;
-      const cap = Math.min(st.breaker.allowance(Math.max(0, st.sub.maxInFlight - st.inflight)), budget);
+      const outstanding = st.inflight + st.queue.length;
+      let want: number;
+      switch (st.breaker.state) {
+        case 'closed':
+          want = 2 * st.sub.maxInFlight - outstanding;
+          break;
+        case 'half-open':
+          want = outstanding === 0 ? 1 : 0; // one probe
+          break;
+        case 'open':
+          want = 0;
+          break;
+      }
+      const cap = Math.min(want, budget);
       if (cap > 0) {
         ids.push(st.sub.id);
         caps.push(cap);
@@ -334,6 +364,24 @@ export class Relay extends EventEmitter<RelayEvents> {
       }
     }
     return { ids, caps };
+  }
+
+  /** Starts queued deliveries while the subscription has free slots and its circuit lets them through. */
+  private startSends(st: SubState): void {
+    while (st.queue.length > 0 && st.inflight < st.sub.maxInFlight && st.active && this.accepting) {
+      if (st.breaker.allowance(1) === 0) {
+        if (st.breaker.state === 'open') this.releaseQueue(st);
+        return;
+      }
+      this.dispatch(st, st.queue.shift() as ClaimedRow);
+    }
+  }
+
+  /** Gives back a subscription's queued leases without counting an attempt (circuit open, disabled, stopping). */
+  private releaseQueue(st: SubState): void {
+    if (st.queue.length === 0) return;
+    const rows = st.queue.splice(0);
+    this.release(rows, true).catch((err: unknown) => this.onDbError(err, 'releasing leases'));
   }
 
   private dispatch(st: SubState, row: ClaimedRow): void {
@@ -346,6 +394,9 @@ export class Relay extends EventEmitter<RelayEvents> {
     void p.finally(() => {
       this.inflight.delete(p);
       st.inflight--;
+      this.startSends(st);
+      // Refill the prefetch queue while the subscription has a backlog.
+      if (!st.drained && st.queue.length < st.sub.maxInFlight) this.kick();
     });
   }
 
@@ -384,6 +435,7 @@ export class Relay extends EventEmitter<RelayEvents> {
     }
     if (outcome.kind === 'gone') {
       st.active = false;
+      this.releaseQueue(st);
       this.log.warn({ tenant: sub.tenant, subscription: sub.id }, 'receiver answered 410 Gone: subscription disabled, its deliveries are kept for when it is enabled again');
     }
     this.emit('attempt', {
@@ -423,6 +475,7 @@ export class Relay extends EventEmitter<RelayEvents> {
    */
   private async settle(): Promise<void> {
     if (this.inflight.size > 0 || this.completions.size > 0) return; // outcomes will kick us
+    for (const st of this.subs.values()) if (st.queue.length > 0) return;
     const active = [...this.subs.values()].filter((s) => s.active);
     if (active.length > 0) {
       const { rows } = await this.pool.query<{ at: number | null }>(NEXT_DUE, [active.map((s) => s.sub.id)]);
@@ -470,6 +523,8 @@ export class Relay extends EventEmitter<RelayEvents> {
         this.subs.set(sub.id, {
           sub,
           inflight: 0,
+          queue: [],
+          drained: false,
           active: true,
           breaker: new CircuitBreaker({ threshold: w.circuitFailureThreshold, cooldownMs: w.circuitCooldownMs, maxCooldownMs: w.circuitMaxCooldownMs }),
         });
@@ -478,6 +533,7 @@ export class Relay extends EventEmitter<RelayEvents> {
     for (const [id, st] of this.subs) {
       if (seen.has(id)) continue;
       st.active = false;
+      this.releaseQueue(st);
       if (st.inflight === 0) this.subs.delete(id);
     }
     this.emit('subscriptions', seen.size);
@@ -518,6 +574,9 @@ export class Relay extends EventEmitter<RelayEvents> {
     for (const t of [this.dueTimer, this.retryTimer]) if (t) clearTimeout(t);
     await this.listener?.stop().catch(() => undefined);
     await this.pumping?.catch(() => undefined);
+    // Leases claimed ahead but not sent go back at once (no attempt counted), for other replicas.
+    const queued = [...this.subs.values()].flatMap((st) => st.queue.splice(0));
+    if (queued.length > 0) await this.release(queued, true).catch((err: unknown) => this.onDbError(err, 'releasing leases'));
     if (this.inflight.size > 0) {
       this.log.info({ inFlight: this.inflight.size }, 'waiting for in-flight deliveries');
       let timer: NodeJS.Timeout | undefined;
