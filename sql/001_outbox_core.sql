@@ -13,8 +13,8 @@ CREATE TABLE public.outbox_events (
     payload        jsonb        NOT NULL,
 
     -- Processing control, rolled up from the deliveries (see DESIGN.md): attempts is the most any
-    -- delivery made, max_attempts is stamped from RETRY_MAX_ATTEMPTS at fan-out, processed_at is set
-    -- when every delivery succeeded (at once when no subscription matched).
+    -- delivery made, max_attempts is RETRY_MAX_ATTEMPTS when the event was captured, processed_at is
+    -- set when every delivery succeeded (at once when no subscription matched).
     attempts       integer      NOT NULL DEFAULT 0 CHECK (attempts >= 0),
     max_attempts   integer      NOT NULL DEFAULT 20 CHECK (max_attempts >= 1),
     available_at   timestamptz  NOT NULL DEFAULT now(),
@@ -25,12 +25,6 @@ CREATE TABLE public.outbox_events (
 
     created_at     timestamptz  NOT NULL DEFAULT now(),
     updated_at     timestamptz  NOT NULL DEFAULT now(),
-
-    -- Relay bookkeeping (not in the seed): when the event was fanned out to deliveries, and how many
-    -- of its deliveries are still live or dead. Counters make the roll-up exact under concurrency.
-    fanned_out_at      timestamptz NULL,
-    pending_deliveries integer     NOT NULL DEFAULT 0 CHECK (pending_deliveries >= 0),
-    dead_deliveries    integer     NOT NULL DEFAULT 0 CHECK (dead_deliveries >= 0),
 
     -- The seed's queries group by a status its table sketch lacks; derived, never written.
     status text GENERATED ALWAYS AS (
@@ -45,6 +39,14 @@ CREATE TABLE public.outbox_events (
 COMMENT ON TABLE public.outbox_events IS 'outbox-relay: the event log, written by capture triggers, read by the relay and the pull API.';
 COMMENT ON COLUMN public.outbox_events.status IS 'Derived: processed | failed | pending.';
 
+-- Relay bookkeeping is kept out of outbox_events on purpose: every update of an event copies the row
+-- and (the seed's indexes include processed_at) touches every index, so an event is updated once, when
+-- its outcome is known. New events wait for fan-out in this queue instead, written by the capture
+-- trigger in the same statement and emptied by fan-out.
+CREATE TABLE public.outbox_fanout_queue (
+    event_id bigint PRIMARY KEY
+);
+
 -- The seed's indexes.
 CREATE INDEX idx_outbox_tenant_status ON public.outbox_events (tenant, processed_at, available_at);
 CREATE INDEX idx_outbox_event_type    ON public.outbox_events (event_type);
@@ -52,9 +54,6 @@ CREATE INDEX idx_outbox_created_at    ON public.outbox_events (created_at);
 
 -- Partial index of unprocessed events (monitoring: "WHERE processed_at IS NULL ORDER BY created_at").
 CREATE INDEX idx_outbox_unprocessed ON public.outbox_events (created_at) WHERE processed_at IS NULL;
-
--- What the relay has not fanned out yet; stays tiny because fan-out empties it.
-CREATE INDEX idx_outbox_not_fanned_out ON public.outbox_events (id) WHERE fanned_out_at IS NULL;
 
 CREATE TABLE public.event_acknowledgments (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -40,39 +40,51 @@ DECLARE
     stmt_seq    bigint := coalesce(nullif(current_setting('outbox.statement_seq', true), ''), '0')::bigint + 1;
     key_prefix  text;
     inserted    integer;
-    wanted      boolean;
+    -- Settings written by the relays (sql/002): when to NOTIFY, and the attempt limit to stamp.
+    cfg_notify_mode  text;
+    cfg_relay_idle   boolean;
+    cfg_max_attempts integer;
 BEGIN
+    SELECT s.notify_mode, s.relay_idle, s.max_attempts INTO cfg_notify_mode, cfg_relay_idle, cfg_max_attempts
+    FROM public.outbox_relay_state AS s;
     PERFORM set_config('outbox.statement_seq', stmt_seq::text, true);
     key_prefix := pg_current_xact_id()::text || ':' || stmt_seq || ':' || TG_RELID::bigint || ':';
 
     IF TG_OP = 'INSERT' THEN
-        INSERT INTO public.outbox_events (tenant, event_type, aggregate_id, aggregate_type, payload, dedupe_key)
+        WITH ev AS (
+        INSERT INTO public.outbox_events (tenant, event_type, aggregate_id, aggregate_type, payload, dedupe_key, max_attempts)
         SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME || '_insert', r.k, TG_TABLE_NAME,
                jsonb_build_object('operation', 'INSERT', 'table', TG_TABLE_NAME, 'schema', TG_TABLE_SCHEMA,
                                   'timestamp', now(), 'old_data', NULL, 'new_data', r.j, 'changed_fields', NULL),
-               key_prefix || 'i:' || md5(r.k)
+               key_prefix || 'i:' || md5(r.k), coalesce(cfg_max_attempts, 20)
         FROM (SELECT t.j, public.outbox_key_of(t.j, key_columns) AS k
               FROM (SELECT to_jsonb(n) AS j FROM outbox_new AS n) AS t) AS r
-        ON CONFLICT (dedupe_key) DO NOTHING;
+        ON CONFLICT (dedupe_key) DO NOTHING
+        RETURNING id)
+        INSERT INTO public.outbox_fanout_queue (event_id) SELECT ev.id FROM ev;
     ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO public.outbox_events (tenant, event_type, aggregate_id, aggregate_type, payload, dedupe_key)
+        WITH ev AS (
+        INSERT INTO public.outbox_events (tenant, event_type, aggregate_id, aggregate_type, payload, dedupe_key, max_attempts)
         SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME || '_delete', r.k, TG_TABLE_NAME,
                jsonb_build_object('operation', 'DELETE', 'table', TG_TABLE_NAME, 'schema', TG_TABLE_SCHEMA,
                                   'timestamp', now(), 'old_data', r.j, 'new_data', NULL, 'changed_fields', NULL),
-               key_prefix || 'd:' || md5(r.k)
+               key_prefix || 'd:' || md5(r.k), coalesce(cfg_max_attempts, 20)
         FROM (SELECT t.j, public.outbox_key_of(t.j, key_columns) AS k
               FROM (SELECT to_jsonb(o) AS j FROM outbox_old AS o) AS t) AS r
-        ON CONFLICT (dedupe_key) DO NOTHING;
+        ON CONFLICT (dedupe_key) DO NOTHING
+        RETURNING id)
+        INSERT INTO public.outbox_fanout_queue (event_id) SELECT ev.id FROM ev;
     ELSE
         -- Old and new rows are paired by primary key. A row whose key changed has no partner: it is
         -- captured as a delete of the old key and an insert of the new one (aggregates are keyed).
         -- A pair whose data did not change produces no event.
-        INSERT INTO public.outbox_events (tenant, event_type, aggregate_id, aggregate_type, payload, dedupe_key)
+        WITH ev AS (
+        INSERT INTO public.outbox_events (tenant, event_type, aggregate_id, aggregate_type, payload, dedupe_key, max_attempts)
         SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME || '_' || p.kind, p.k, TG_TABLE_NAME,
                jsonb_build_object('operation', upper(p.kind), 'table', TG_TABLE_NAME, 'schema', TG_TABLE_SCHEMA,
                                   'timestamp', now(), 'old_data', p.oj, 'new_data', p.nj,
                                   'changed_fields', CASE WHEN p.kind = 'update' THEN public.outbox_changed_fields(p.oj, p.nj) END),
-               key_prefix || left(p.kind, 1) || ':' || md5(p.k)
+               key_prefix || left(p.kind, 1) || ':' || md5(p.k), coalesce(cfg_max_attempts, 20)
         FROM (
             SELECT o.j AS oj, n.j AS nj, coalesce(n.k, o.k) AS k,
                    CASE WHEN o.j IS NULL THEN 'insert' WHEN n.j IS NULL THEN 'delete' ELSE 'update' END AS kind
@@ -82,15 +94,15 @@ BEGIN
         ) AS p
         WHERE p.oj IS DISTINCT FROM p.nj
         ORDER BY p.k
-        ON CONFLICT (dedupe_key) DO NOTHING;
+        ON CONFLICT (dedupe_key) DO NOTHING
+        RETURNING id)
+        INSERT INTO public.outbox_fanout_queue (event_id) SELECT ev.id FROM ev;
     END IF;
 
     GET DIAGNOSTICS inserted = ROW_COUNT;
     IF inserted > 0 THEN
         -- One notification per statement at most (and PostgreSQL folds identical ones per transaction).
-        SELECT s.notify_mode = 'always' OR (s.notify_mode = 'idle' AND s.relay_idle)
-          INTO wanted FROM public.outbox_relay_state AS s;
-        IF wanted IS NOT FALSE THEN
+        IF cfg_notify_mode IS NULL OR cfg_notify_mode = 'always' OR (cfg_notify_mode = 'idle' AND cfg_relay_idle) THEN
             PERFORM pg_notify('outbox_wakeup', TG_TABLE_SCHEMA || ':' || TG_TABLE_NAME || '_' || lower(TG_OP));
         END IF;
     END IF;

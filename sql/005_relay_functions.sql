@@ -1,109 +1,55 @@
 -- 005: the relay's set-based operations, one function each, so that each is one round trip and holds
 -- its locks for exactly one transaction.
 --
--- Locking protocol of the ordering lanes (invariant 4). A delivery of an ordered subscription is
--- 'ready' only at the head of its lane (subscription, aggregate); the rest wait. Fan-out decides
--- "head or waiting" by looking for live deliveries in the lane, and completion promotes the next one
--- when the head finishes. If the two interleaved, fan-out could see a head that completion is deleting
--- and queue a new delivery behind it that nobody promotes. So fan-out (and replay, and disable) hold
--- an exclusive transaction advisory lock, and completions that finish ordered deliveries hold it
--- shared: completions still run side by side, fan-out never overlaps one. Key: 7411201005.
+-- Locking protocol (invariant 4). A delivery of an ordered subscription is 'ready' only at the head of
+-- its lane (subscription, aggregate); the rest wait. Fan-out decides "head or waiting" by looking for
+-- live deliveries in the lane, and completion promotes the next one when the head finishes. If the two
+-- interleaved, fan-out could see a head that a completion is deleting and queue a new delivery behind
+-- it that nobody promotes. So fan-out (and replay, and disable) hold an exclusive transaction advisory
+-- lock, and completions hold it shared: completions run side by side, fan-out never overlaps one.
+-- Key: 7411201005.
 
 -- Does an event type match a subscription's filter? Exact names and '*' wildcards; empty = all.
+-- (For replay; fan-out compares with the subscription's precomputed event_likes instead, per row.)
 CREATE FUNCTION public.outbox_event_type_matches(patterns text[], event_type text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT cardinality(patterns) = 0 OR EXISTS (
-        SELECT 1 FROM unnest(patterns) AS p
-        WHERE event_type LIKE replace(replace(replace(p, '\', '\\'), '_', '\_'), '*', '%'))
+    SELECT cardinality(patterns) = 0 OR event_type LIKE ANY (public.outbox_like_patterns(patterns))
 $$;
 
+-- Called per row by fan-out, so it has no SET clause (a function with one cannot be inlined and
+-- costs a full call per row); every name in it is schema-qualified instead.
 -- The ordering lane of an aggregate: a 64-bit hash (a collision merely orders two aggregates together).
 CREATE FUNCTION public.outbox_lane(aggregate_type text, aggregate_id text) RETURNS bigint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT hashtextextended(length(aggregate_type)::text || ':' || aggregate_type || aggregate_id, 0)
+    SELECT pg_catalog.hashtextextended(
+        pg_catalog.length(aggregate_type)::pg_catalog.text OPERATOR(pg_catalog.||) ':'
+            OPERATOR(pg_catalog.||) aggregate_type OPERATOR(pg_catalog.||) aggregate_id, 0)
 $$;
 
--- Fan-out: up to batch_size new events, oldest first, each to every enabled subscription of its tenant
--- whose filter matches. An event nothing matches is processed at once. Returns how many events were
--- fanned out (batch_size means: call again).
-CREATE FUNCTION public.outbox_fan_out(batch_size integer, max_attempts integer) RETURNS integer
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $fn$
-DECLARE
-    n integer;
-BEGIN
-    PERFORM pg_advisory_xact_lock(7411201005);
-    WITH ev AS (
-        SELECT e.id, e.tenant, e.event_type, e.aggregate_type, e.aggregate_id
-        FROM public.outbox_events AS e
-        WHERE e.fanned_out_at IS NULL
-        ORDER BY e.id
-        LIMIT batch_size
-    ),
-    m AS (
-        SELECT ev.id AS event_id, s.id AS subscription_id, s.ordering,
-               public.outbox_lane(ev.aggregate_type, ev.aggregate_id) AS lane
-        FROM ev
-        JOIN public.outbox_subscriptions AS s
-          ON s.tenant = ev.tenant AND s.enabled AND public.outbox_event_type_matches(s.event_types, ev.event_type)
-    ),
-    ranked AS (
-        SELECT m.*, row_number() OVER (PARTITION BY m.subscription_id, m.lane ORDER BY m.event_id) AS rn
-        FROM m
-    ),
-    ins AS (
-        INSERT INTO public.outbox_deliveries (event_id, subscription_id, lane, state)
-        SELECT r.event_id, r.subscription_id, r.lane,
-               CASE
-                   WHEN r.ordering = 'none' THEN 'ready'
-                   WHEN r.rn = 1 AND NOT EXISTS (
-                       SELECT 1 FROM public.outbox_deliveries AS d
-                       WHERE d.subscription_id = r.subscription_id AND d.lane = r.lane AND d.state <> 'dead')
-                   THEN 'ready'
-                   ELSE 'waiting'
-               END::public.outbox_delivery_state
-        FROM ranked AS r
-        ORDER BY r.event_id
-    ),
-    counts AS (
-        SELECT m.event_id, count(*)::integer AS n FROM m GROUP BY m.event_id
-    )
-    UPDATE public.outbox_events AS e
-    SET fanned_out_at = now(),
-        max_attempts = outbox_fan_out.max_attempts,
-        pending_deliveries = coalesce(c.n, 0),
-        processed_at = CASE WHEN c.n IS NULL THEN now() END,
-        updated_at = now()
-    FROM ev LEFT JOIN counts AS c ON c.event_id = ev.id
-    WHERE e.id = ev.id;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
-$fn$;
-
--- Claim: for each subscription, up to its free capacity of due ready deliveries (oldest due first),
--- leased to worker until now() + lease_ms; each claim counts as an attempt. Returns what to send.
-CREATE FUNCTION public.outbox_claim(subscription_ids bigint[], capacities integer[], lease_ms integer, worker text)
-RETURNS TABLE (
-    delivery_id bigint, event_id bigint, subscription_id bigint, attempt integer, max_attempts integer,
+-- The event fields a webhook body is made of (the payload as PostgreSQL renders it).
+CREATE TYPE public.outbox_claimed AS (
+    event_id bigint, subscription_id bigint, attempt integer, max_attempts integer,
     tenant text, event_type text, aggregate_id text, aggregate_type text, payload text, created_at text
-)
+);
+
+-- Claim: for each subscription, up to its capacity of due ready deliveries (oldest due first), leased
+-- to worker until now() + lease_ms; each claim counts as an attempt.
+CREATE FUNCTION public.outbox_claim(subscription_ids bigint[], capacities integer[], lease_ms integer, worker text)
+RETURNS SETOF public.outbox_claimed
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$
     WITH c AS (
-        SELECT x.id
+        SELECT x.event_id, x.subscription_id
         FROM unnest(subscription_ids, capacities) AS s(sub, cap)
         CROSS JOIN LATERAL (
-            SELECT d.id FROM public.outbox_deliveries AS d
+            SELECT d.event_id, d.subscription_id FROM public.outbox_deliveries AS d
             WHERE d.subscription_id = s.sub AND d.state = 'ready' AND d.next_attempt_at <= now()
             ORDER BY d.next_attempt_at
-            LIMIT s.cap
+            LIMIT greatest(s.cap, 0)
             FOR UPDATE SKIP LOCKED
         ) AS x
     )
@@ -113,11 +59,111 @@ AS $$
         locked_by = worker,
         last_attempt_at = now()
     FROM c, public.outbox_events AS e
-    WHERE d.id = c.id AND e.id = d.event_id
-    RETURNING d.id, d.event_id, d.subscription_id, d.attempts, e.max_attempts,
+    WHERE d.event_id = c.event_id AND d.subscription_id = c.subscription_id AND e.id = d.event_id
+    RETURNING d.event_id, d.subscription_id, d.attempts, e.max_attempts,
               e.tenant::text, e.event_type::text, e.aggregate_id, e.aggregate_type::text, e.payload::text,
               to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
 $$;
+
+-- One relay round trip: fan out up to batch_size new events (oldest first) to every enabled
+-- subscription of their tenant whose filter matches, leasing at once what fits the caller's free
+-- capacity (a fresh delivery is inserted already claimed: one write instead of two), then claim due
+-- deliveries with the capacity left. An event nothing matches is processed at once.
+-- Returns the leased deliveries, then one summary row (event_id NULL) whose max_attempts column holds
+-- how many events were fanned out (batch_size means: call again).
+CREATE FUNCTION public.outbox_poll(batch_size integer, subscription_ids bigint[], capacities integer[], lease_ms integer, worker text)
+RETURNS SETOF public.outbox_claimed
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    fanned_ids bigint[];
+    n_fanned   integer := 0;
+    caps_left  integer[] := capacities;
+BEGIN
+    IF EXISTS (SELECT 1 FROM public.outbox_fanout_queue) THEN
+        PERFORM pg_advisory_xact_lock(7411201005);
+        WITH q AS (
+            DELETE FROM public.outbox_fanout_queue AS q
+            WHERE q.event_id IN (SELECT f.event_id FROM public.outbox_fanout_queue AS f ORDER BY f.event_id LIMIT batch_size)
+            RETURNING q.event_id
+        ),
+        ev AS (
+            SELECT e.id, e.tenant, e.event_type, e.aggregate_type, e.aggregate_id
+            FROM q JOIN public.outbox_events AS e ON e.id = q.event_id
+        ),
+        m AS (
+            SELECT ev.id AS event_id, s.id AS subscription_id,
+                   CASE WHEN s.ordering = 'aggregate' THEN public.outbox_lane(ev.aggregate_type, ev.aggregate_id) END AS lane
+            FROM ev
+            JOIN public.outbox_subscriptions AS s
+              ON s.tenant = ev.tenant AND s.enabled
+             AND (cardinality(s.event_likes) = 0 OR ev.event_type LIKE ANY (s.event_likes))
+        ),
+        decided AS (
+            SELECT m.event_id, m.subscription_id, m.lane,
+                   m.lane IS NULL OR (
+                       row_number() OVER (PARTITION BY m.subscription_id, m.lane ORDER BY m.event_id) = 1
+                       AND NOT EXISTS (
+                           SELECT 1 FROM public.outbox_deliveries AS d
+                           WHERE d.subscription_id = m.subscription_id AND d.lane = m.lane AND d.state <> 'dead')
+                   ) AS is_ready
+            FROM m
+        ),
+        leasing AS (
+            SELECT x.*, x.is_ready AND row_number() OVER (PARTITION BY x.subscription_id, x.is_ready ORDER BY x.event_id)
+                        <= coalesce(c.cap, 0) AS leased
+            FROM decided AS x
+            LEFT JOIN unnest(subscription_ids, capacities) AS c(sub, cap) ON c.sub = x.subscription_id
+        ),
+        ins AS (
+            INSERT INTO public.outbox_deliveries (event_id, subscription_id, lane, state, attempts, next_attempt_at, locked_by, last_attempt_at)
+            SELECT l.event_id, l.subscription_id, l.lane,
+                   CASE WHEN l.is_ready THEN 'ready' ELSE 'waiting' END::public.outbox_delivery_state,
+                   CASE WHEN l.leased THEN 1 ELSE 0 END,
+                   CASE WHEN l.leased THEN now() + lease_ms * interval '1 millisecond' ELSE now() END,
+                   CASE WHEN l.leased THEN worker END,
+                   CASE WHEN l.leased THEN now() END
+            FROM leasing AS l
+            ORDER BY l.event_id, l.subscription_id
+            RETURNING 1
+        ),
+        unmatched AS (
+            UPDATE public.outbox_events AS e
+            SET processed_at = now(), updated_at = now()
+            FROM ev
+            WHERE e.id = ev.id AND NOT EXISTS (SELECT 1 FROM m WHERE m.event_id = ev.id)
+            RETURNING 1
+        )
+        SELECT array_agg(q.event_id) INTO fanned_ids FROM q;
+        n_fanned := coalesce(cardinality(fanned_ids), 0);
+    END IF;
+
+    IF n_fanned > 0 THEN
+        -- What fan-out leased to us (this transaction's now() tells them apart).
+        RETURN QUERY
+        SELECT d.event_id, d.subscription_id, d.attempts, e.max_attempts,
+               e.tenant::text, e.event_type::text, e.aggregate_id, e.aggregate_type::text, e.payload::text,
+               to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+        FROM public.outbox_deliveries AS d JOIN public.outbox_events AS e ON e.id = d.event_id
+        WHERE d.event_id = ANY (fanned_ids) AND d.locked_by = worker AND d.last_attempt_at = now() AND d.state = 'ready'
+        ORDER BY d.event_id;
+
+        SELECT array_agg(greatest(c.cap - coalesce(l.n, 0), 0)::integer ORDER BY c.ord) INTO caps_left
+        FROM unnest(subscription_ids, capacities) WITH ORDINALITY AS c(sub, cap, ord)
+        LEFT JOIN (
+            SELECT d.subscription_id AS sub, count(*) AS n FROM public.outbox_deliveries AS d
+            WHERE d.event_id = ANY (fanned_ids) AND d.locked_by = worker AND d.last_attempt_at = now()
+            GROUP BY d.subscription_id
+        ) AS l ON l.sub = c.sub;
+    END IF;
+
+    IF cardinality(subscription_ids) > 0 THEN
+        RETURN QUERY SELECT * FROM public.outbox_claim(subscription_ids, caps_left, lease_ms, worker);
+    END IF;
+    RETURN QUERY SELECT NULL::bigint, NULL::bigint, NULL::integer, n_fanned, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text;
+END
+$fn$;
 
 -- When the earliest ready delivery of these subscriptions falls due (a retry, or a lease that ends).
 CREATE FUNCTION public.outbox_next_due(subscription_ids bigint[]) RETURNS timestamptz
@@ -138,49 +184,60 @@ $$;
 --   retry failed, tries again after delay_ms;
 --   dead  out of attempts: kept as dead, the acknowledgment written as 'failed';
 --   gone  410 Gone: the subscription is disabled, the delivery kept (the attempt is not counted).
--- The event rolls up in the same transaction (attempts, counters, processed_at), so the seed's
--- monitoring queries stay true; a 'pull' acknowledgment of the user is never overwritten.
--- Returns how many outcomes applied (the rest were fenced off).
+-- The event rolls up in the same transaction: attempts (the most any delivery made; max_attempts once
+-- one is dead, so the seed's queries count it failed) and processed_at (when no delivery is left).
+-- A 'pull' acknowledgment of the user is never overwritten. Returns how many outcomes applied.
 CREATE FUNCTION public.outbox_complete(
-    worker text, delivery_ids bigint[], attempt_numbers integer[], outcomes text[], http_statuses integer[],
-    errors text[], delays_ms bigint[], durations_ms integer[])
+    worker text, event_ids bigint[], subscription_ids bigint[], attempt_numbers integer[], outcomes text[],
+    http_statuses integer[], errors text[], delays_ms bigint[], durations_ms integer[])
 RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+-- Key lookups only: never let a stale estimate turn one into a scan of the queue.
+SET enable_seqscan = off
+SET enable_bitmapscan = off
 AS $fn$
 DECLARE
     applied   integer;
+    ev_ids    bigint[];
+    ev_max    integer[];
     lane_subs bigint[];
     lane_ids  bigint[];
+    n_locked  integer;
 BEGIN
-    IF EXISTS (
-        SELECT 1 FROM unnest(delivery_ids, outcomes) AS i(id, outcome)
-        JOIN public.outbox_deliveries AS d ON d.id = i.id
-        JOIN public.outbox_subscriptions AS s ON s.id = d.subscription_id
-        WHERE i.outcome IN ('ok', 'dead') AND s.ordering = 'aggregate'
-    ) THEN
-        PERFORM pg_advisory_xact_lock_shared(7411201005);
-    END IF;
+    PERFORM pg_advisory_xact_lock_shared(7411201005);
 
     WITH input AS (
-        SELECT DISTINCT ON (i.id) i.*
-        FROM unnest(delivery_ids, attempt_numbers, outcomes, http_statuses, errors, delays_ms, durations_ms)
-            AS i(id, attempt, outcome, http_status, error, delay_ms, duration_ms)
-        ORDER BY i.id
+        SELECT DISTINCT ON (i.event_id, i.subscription_id) i.*
+        FROM unnest(event_ids, subscription_ids, attempt_numbers, outcomes, http_statuses, errors, delays_ms, durations_ms)
+            AS i(event_id, subscription_id, attempt, outcome, http_status, error, delay_ms, duration_ms)
+        ORDER BY i.event_id, i.subscription_id
     ),
+    -- One primary-key lookup per outcome. "+ 0" keeps the planner off the claim index (keyed by
+    -- subscription, so O(queue) per lookup), which a fresh or just-drained queue's statistics make
+    -- look as cheap as the key.
     target AS (
-        SELECT d.id, d.event_id, d.subscription_id, d.lane, i.attempt, i.outcome, i.http_status, i.error,
-               i.delay_ms, i.duration_ms, s.ordering
-        FROM public.outbox_deliveries AS d
-        JOIN input AS i ON i.id = d.id
-        JOIN public.outbox_subscriptions AS s ON s.id = d.subscription_id
+        SELECT d.event_id, d.subscription_id, d.lane, i.attempt, i.outcome, i.http_status, i.error, i.delay_ms, i.duration_ms
+        FROM input AS i
+        JOIN public.outbox_deliveries AS d ON d.event_id = i.event_id AND d.subscription_id + 0 = i.subscription_id
         WHERE d.attempts = i.attempt AND d.locked_by = worker AND d.state = 'ready'
         FOR UPDATE OF d
     ),
+    -- An event with deliveries to several subscriptions may see them finish in several transactions at
+    -- once; locking it (in id order, no deadlocks) makes the last one see all the others' outcomes.
+    siblings AS (
+        SELECT e.id FROM public.outbox_events AS e
+        WHERE e.id IN (
+            SELECT t.event_id FROM target AS t
+            WHERE t.outcome IN ('ok', 'dead') AND EXISTS (
+                SELECT 1 FROM public.outbox_deliveries AS o WHERE o.event_id = t.event_id AND o.subscription_id <> t.subscription_id))
+        ORDER BY e.id
+        FOR UPDATE
+    ),
     delivered AS (
         DELETE FROM public.outbox_deliveries AS d USING target AS t
-        WHERE d.id = t.id AND t.outcome = 'ok'
-        RETURNING d.id
+        WHERE d.event_id = t.event_id AND d.subscription_id = t.subscription_id AND t.outcome = 'ok'
+        RETURNING 1
     ),
     changed AS (
         UPDATE public.outbox_deliveries AS d
@@ -191,34 +248,14 @@ BEGIN
             last_status = t.http_status,
             last_error = left(t.error, 2000)
         FROM target AS t
-        WHERE d.id = t.id AND t.outcome IN ('retry', 'dead', 'gone')
-        RETURNING d.id
+        WHERE d.event_id = t.event_id AND d.subscription_id = t.subscription_id AND t.outcome IN ('retry', 'dead', 'gone')
+        RETURNING 1
     ),
     gone AS (
         UPDATE public.outbox_subscriptions AS s
         SET enabled = false, disabled_reason = 'receiver answered 410 Gone', disabled_at = now(), updated_at = now()
         WHERE s.id IN (SELECT t.subscription_id FROM target AS t WHERE t.outcome = 'gone') AND s.enabled
-        RETURNING s.id
-    ),
-    per_event AS (
-        SELECT t.event_id,
-               max(t.attempt) FILTER (WHERE t.outcome <> 'gone') AS max_attempt,
-               count(*) FILTER (WHERE t.outcome IN ('ok', 'dead'))::integer AS finished,
-               count(*) FILTER (WHERE t.outcome = 'dead')::integer AS died
-        FROM target AS t GROUP BY t.event_id
-    ),
-    rollup AS (
-        UPDATE public.outbox_events AS e
-        SET attempts = CASE WHEN p.died > 0 OR e.dead_deliveries > 0 THEN e.max_attempts
-                            ELSE greatest(e.attempts, coalesce(p.max_attempt, 0)) END,
-            pending_deliveries = e.pending_deliveries - p.finished,
-            dead_deliveries = e.dead_deliveries + p.died,
-            processed_at = CASE WHEN e.pending_deliveries - p.finished = 0 AND e.dead_deliveries + p.died = 0
-                                THEN coalesce(e.processed_at, now()) ELSE e.processed_at END,
-            updated_at = now()
-        FROM per_event AS p
-        WHERE e.id = p.event_id
-        RETURNING e.id
+        RETURNING 1
     ),
     acks AS (
         INSERT INTO public.event_acknowledgments AS a
@@ -236,15 +273,31 @@ BEGIN
             SET status = excluded.status, processor = excluded.processor, processed_at = excluded.processed_at,
                 metadata = excluded.metadata, updated_at = now()
             WHERE a.source = 'relay'
-        RETURNING a.id
+        RETURNING 1
+    ),
+    per_event AS (
+        SELECT t.event_id, max(t.attempt)::integer AS max_attempt
+        FROM target AS t WHERE t.outcome <> 'gone' GROUP BY t.event_id
     )
-    SELECT count(*)::integer,
-           array_agg(t.subscription_id) FILTER (WHERE t.outcome IN ('ok', 'dead') AND t.ordering = 'aggregate'),
-           array_agg(t.lane) FILTER (WHERE t.outcome IN ('ok', 'dead') AND t.ordering = 'aggregate')
-      INTO applied, lane_subs, lane_ids
-    FROM target AS t;
+    SELECT (SELECT count(*)::integer FROM target),
+           (SELECT array_agg(p.event_id ORDER BY p.event_id) FROM per_event AS p),
+           (SELECT array_agg(p.max_attempt ORDER BY p.event_id) FROM per_event AS p),
+           (SELECT array_agg(t.subscription_id) FROM target AS t WHERE t.outcome IN ('ok', 'dead') AND t.lane IS NOT NULL),
+           (SELECT array_agg(t.lane) FROM target AS t WHERE t.outcome IN ('ok', 'dead') AND t.lane IS NOT NULL),
+           (SELECT count(*)::integer FROM siblings) -- a plain SELECT runs only when referenced
+      INTO applied, ev_ids, ev_max, lane_subs, lane_ids, n_locked;
 
-    -- A new statement sees the deletes above: promote each finished lane's next delivery.
+    -- A new statement sees the changes above: roll the events up, then promote each finished lane.
+    IF ev_ids IS NOT NULL THEN
+        UPDATE public.outbox_events AS e
+        SET attempts = CASE WHEN EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id AND d.state = 'dead')
+                            THEN e.max_attempts ELSE greatest(e.attempts, f.max_attempt) END,
+            processed_at = CASE WHEN e.processed_at IS NULL AND NOT EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id)
+                                THEN now() ELSE e.processed_at END,
+            updated_at = now()
+        FROM unnest(ev_ids, ev_max) AS f(id, max_attempt)
+        WHERE e.id = f.id;
+    END IF;
     IF lane_subs IS NOT NULL THEN
         PERFORM public.outbox_promote_lanes(lane_subs, lane_ids);
     END IF;
@@ -253,7 +306,7 @@ END
 $fn$;
 
 -- In each given lane, the oldest live delivery becomes ready if it is waiting. Callers hold the lane
--- lock (shared) so that no fan-out runs concurrently.
+-- lock (shared at least) so that no fan-out runs concurrently.
 CREATE FUNCTION public.outbox_promote_lanes(subscription_ids bigint[], lanes bigint[]) RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -264,15 +317,15 @@ BEGIN
     UPDATE public.outbox_deliveries AS d
     SET state = 'ready', next_attempt_at = now()
     FROM (
-        SELECT h.id, h.state
+        SELECT h.event_id, h.subscription_id, h.state
         FROM (SELECT DISTINCT u.subscription_id, u.lane FROM unnest(subscription_ids, lanes) AS u(subscription_id, lane)) AS l
         CROSS JOIN LATERAL (
-            SELECT x.id, x.state FROM public.outbox_deliveries AS x
+            SELECT x.event_id, x.subscription_id, x.state FROM public.outbox_deliveries AS x
             WHERE x.subscription_id = l.subscription_id AND x.lane = l.lane AND x.state <> 'dead'
             ORDER BY x.event_id LIMIT 1
         ) AS h
     ) AS head
-    WHERE d.id = head.id AND head.state = 'waiting';
+    WHERE d.event_id = head.event_id AND d.subscription_id = head.subscription_id AND head.state = 'waiting';
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END
@@ -280,7 +333,7 @@ $fn$;
 
 -- Gives back leases a stopping relay did not use: the deliveries are due again at once, and an
 -- attempt that was never sent is not counted.
-CREATE FUNCTION public.outbox_release(worker text, delivery_ids bigint[], attempt_numbers integer[], uncount boolean[])
+CREATE FUNCTION public.outbox_release(worker text, event_ids bigint[], subscription_ids bigint[], attempt_numbers integer[], uncount boolean[])
 RETURNS integer
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
@@ -290,8 +343,9 @@ AS $$
         SET next_attempt_at = now(),
             locked_by = NULL,
             attempts = CASE WHEN i.unsent THEN greatest(d.attempts - 1, 0) ELSE d.attempts END
-        FROM unnest(delivery_ids, attempt_numbers, uncount) AS i(id, attempt, unsent)
-        WHERE d.id = i.id AND d.attempts = i.attempt AND d.locked_by = worker AND d.state = 'ready'
+        FROM unnest(event_ids, subscription_ids, attempt_numbers, uncount) AS i(event_id, subscription_id, attempt, unsent)
+        WHERE d.event_id = i.event_id AND d.subscription_id = i.subscription_id
+          AND d.attempts = i.attempt AND d.locked_by = worker AND d.state = 'ready'
         RETURNING 1
     )
     SELECT count(*)::integer FROM r

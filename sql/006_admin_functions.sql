@@ -24,18 +24,11 @@ BEGIN
         WHERE d.subscription_id = subscription AND d.state <> 'dead'
         RETURNING d.event_id, d.attempts
     ),
-    per_event AS (
-        SELECT k.event_id, count(*)::integer AS n FROM killed AS k GROUP BY k.event_id
-    ),
     rollup AS (
         UPDATE public.outbox_events AS e
-        SET pending_deliveries = e.pending_deliveries - p.n,
-            dead_deliveries = e.dead_deliveries + p.n,
-            attempts = e.max_attempts,
-            updated_at = now()
-        FROM per_event AS p
-        WHERE e.id = p.event_id
-        RETURNING e.id
+        SET attempts = e.max_attempts, updated_at = now()
+        WHERE e.id IN (SELECT k.event_id FROM killed AS k)
+        RETURNING 1
     ),
     acks AS (
         INSERT INTO public.event_acknowledgments AS a
@@ -50,7 +43,7 @@ BEGIN
             SET status = excluded.status, processor = excluded.processor, processed_at = excluded.processed_at,
                 metadata = excluded.metadata, updated_at = now()
             WHERE a.source = 'relay'
-        RETURNING a.id
+        RETURNING 1
     )
     SELECT count(*)::integer INTO n FROM killed;
     RETURN n;
@@ -72,103 +65,90 @@ CREATE FUNCTION public.outbox_replay(
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+    touched bigint[];
 BEGIN
     IF mode NOT IN ('dead', 'delivered') THEN
         RAISE EXCEPTION 'replay mode must be dead or delivered' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     PERFORM pg_advisory_xact_lock(7411201005);
 
-    CREATE TEMP TABLE IF NOT EXISTS outbox_replay_batch (
-        delivery_id bigint, event_id bigint, subscription_id bigint, lane bigint, ordering text
-    ) ON COMMIT DROP;
-    TRUNCATE outbox_replay_batch;
-
-    SELECT max(e.id) INTO last_event_id FROM (
+    SELECT max(c.id) INTO last_event_id FROM (
         SELECT e.id FROM public.outbox_events AS e
-        WHERE e.id > after_event_id AND e.fanned_out_at IS NOT NULL
+        WHERE e.id > after_event_id
+          AND NOT EXISTS (SELECT 1 FROM public.outbox_fanout_queue AS q WHERE q.event_id = e.id)
           AND (tenant_name IS NULL OR e.tenant = tenant_name)
           AND (type_patterns IS NULL OR public.outbox_event_type_matches(type_patterns, e.event_type))
           AND (created_from IS NULL OR e.created_at >= created_from)
           AND (created_to IS NULL OR e.created_at < created_to)
         ORDER BY e.id LIMIT batch_size
-    ) AS e;
+    ) AS c;
     IF last_event_id IS NULL THEN
         queued := 0;
         RETURN;
     END IF;
 
-    IF mode = 'dead' THEN
-        INSERT INTO outbox_replay_batch
-        SELECT d.id, d.event_id, d.subscription_id, d.lane, s.ordering
-        FROM public.outbox_deliveries AS d
-        JOIN public.outbox_events AS e ON e.id = d.event_id
-        JOIN public.outbox_subscriptions AS s ON s.id = d.subscription_id
-        WHERE d.state = 'dead' AND e.id > after_event_id AND e.id <= last_event_id
+    WITH candidates AS (
+        SELECT e.id, e.aggregate_type, e.aggregate_id, e.event_type, e.tenant FROM public.outbox_events AS e
+        WHERE e.id > after_event_id AND e.id <= last_event_id
+          AND NOT EXISTS (SELECT 1 FROM public.outbox_fanout_queue AS q WHERE q.event_id = e.id)
           AND (tenant_name IS NULL OR e.tenant = tenant_name)
           AND (type_patterns IS NULL OR public.outbox_event_type_matches(type_patterns, e.event_type))
           AND (created_from IS NULL OR e.created_at >= created_from)
           AND (created_to IS NULL OR e.created_at < created_to)
-          AND (subscription_ids IS NULL OR d.subscription_id = ANY (subscription_ids));
-    ELSE
-        INSERT INTO outbox_replay_batch
-        SELECT NULL, e.id, s.id, public.outbox_lane(e.aggregate_type, e.aggregate_id), s.ordering
-        FROM public.outbox_events AS e
+    ),
+    batch AS (
+        SELECT d.event_id, d.subscription_id, d.lane, true AS existing
+        FROM candidates AS c JOIN public.outbox_deliveries AS d ON d.event_id = c.id
+        WHERE mode = 'dead' AND d.state = 'dead'
+          AND (subscription_ids IS NULL OR d.subscription_id = ANY (subscription_ids))
+        UNION ALL
+        SELECT c.id, s.id, CASE WHEN s.ordering = 'aggregate' THEN public.outbox_lane(c.aggregate_type, c.aggregate_id) END, false
+        FROM candidates AS c
         JOIN public.outbox_subscriptions AS s
-          ON s.tenant = e.tenant AND public.outbox_event_type_matches(s.event_types, e.event_type)
-        WHERE e.id > after_event_id AND e.id <= last_event_id AND e.fanned_out_at IS NOT NULL
-          AND (tenant_name IS NULL OR e.tenant = tenant_name)
-          AND (type_patterns IS NULL OR public.outbox_event_type_matches(type_patterns, e.event_type))
-          AND (created_from IS NULL OR e.created_at >= created_from)
-          AND (created_to IS NULL OR e.created_at < created_to)
+          ON s.tenant = c.tenant AND public.outbox_event_type_matches(s.event_types, c.event_type)
+        WHERE mode = 'delivered'
           AND (subscription_ids IS NULL OR s.id = ANY (subscription_ids))
           AND (subscription_ids IS NOT NULL OR s.enabled)
-          AND NOT EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id AND d.subscription_id = s.id);
-    END IF;
-
-    -- Ready at the head of its lane, waiting behind live deliveries (or earlier ones of this batch).
-    WITH ranked AS (
-        SELECT b.*, row_number() OVER (PARTITION BY b.subscription_id, b.lane ORDER BY b.event_id) AS rn
-        FROM outbox_replay_batch AS b
+          AND NOT EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = c.id AND d.subscription_id = s.id)
     ),
+    -- Ready at the head of its lane, waiting behind live deliveries (or earlier ones of this batch).
     decided AS (
-        SELECT r.*, CASE
-                WHEN r.ordering = 'none' THEN 'ready'
-                WHEN r.rn = 1 AND NOT EXISTS (
-                    SELECT 1 FROM public.outbox_deliveries AS d
-                    WHERE d.subscription_id = r.subscription_id AND d.lane = r.lane AND d.state <> 'dead')
-                THEN 'ready' ELSE 'waiting' END::public.outbox_delivery_state AS new_state
-        FROM ranked AS r
+        SELECT b.*, (b.lane IS NULL OR (
+                   row_number() OVER (PARTITION BY b.subscription_id, b.lane ORDER BY b.event_id) = 1
+                   AND NOT EXISTS (
+                       SELECT 1 FROM public.outbox_deliveries AS d
+                       WHERE d.subscription_id = b.subscription_id AND d.lane = b.lane AND d.state <> 'dead'))) AS is_ready
+        FROM batch AS b
     ),
     requeued AS (
         UPDATE public.outbox_deliveries AS d
-        SET state = x.new_state, attempts = 0, next_attempt_at = now(), locked_by = NULL, last_error = NULL, last_status = NULL
+        SET state = CASE WHEN x.is_ready THEN 'ready' ELSE 'waiting' END::public.outbox_delivery_state,
+            attempts = 0, next_attempt_at = now(), locked_by = NULL, last_error = NULL, last_status = NULL
         FROM decided AS x
-        WHERE x.delivery_id IS NOT NULL AND d.id = x.delivery_id
+        WHERE x.existing AND d.event_id = x.event_id AND d.subscription_id = x.subscription_id
         RETURNING d.event_id
     ),
     created AS (
         INSERT INTO public.outbox_deliveries (event_id, subscription_id, lane, state)
-        SELECT x.event_id, x.subscription_id, x.lane, x.new_state FROM decided AS x WHERE x.delivery_id IS NULL
-        ORDER BY x.event_id
+        SELECT x.event_id, x.subscription_id, x.lane, CASE WHEN x.is_ready THEN 'ready' ELSE 'waiting' END::public.outbox_delivery_state
+        FROM decided AS x WHERE NOT x.existing
+        ORDER BY x.event_id, x.subscription_id
         RETURNING event_id
-    ),
-    per_event AS (
-        SELECT event_id, count(*)::integer AS n, bool_or(was_dead) AS was_dead FROM (
-            SELECT event_id, true AS was_dead FROM requeued
-            UNION ALL SELECT event_id, false FROM created
-        ) AS u GROUP BY event_id
-    ),
-    rollup AS (
-        UPDATE public.outbox_events AS e
-        SET pending_deliveries = e.pending_deliveries + p.n,
-            dead_deliveries = CASE WHEN p.was_dead THEN e.dead_deliveries - p.n ELSE e.dead_deliveries END,
-            attempts = CASE WHEN p.was_dead AND e.dead_deliveries - p.n = 0 THEN 0 ELSE e.attempts END,
-            processed_at = NULL,
-            updated_at = now()
-        FROM per_event AS p
-        WHERE e.id = p.event_id
-        RETURNING e.id
     )
-    SELECT coalesce(sum(p.n), 0)::integer INTO queued FROM per_event AS p;
+    SELECT (SELECT count(*)::integer FROM requeued) + (SELECT count(*)::integer FROM created),
+           (SELECT array_agg(DISTINCT u.event_id) FROM (SELECT event_id FROM requeued UNION ALL SELECT event_id FROM created) AS u)
+      INTO queued, touched;
+
+    -- The events are pending again (a new statement sees the requeued and created deliveries).
+    IF touched IS NOT NULL THEN
+        UPDATE public.outbox_events AS e
+        SET processed_at = NULL,
+            attempts = CASE WHEN EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id AND d.state = 'dead')
+                            THEN e.max_attempts
+                            ELSE coalesce((SELECT max(d.attempts) FROM public.outbox_deliveries AS d WHERE d.event_id = e.id), 0) END,
+            updated_at = now()
+        WHERE e.id = ANY (touched);
+    END IF;
 END
 $fn$;

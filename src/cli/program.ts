@@ -11,6 +11,7 @@ import { registerTenantCommands } from './tenantCommands.js';
 import { registerTriggerCommands } from './triggerCommands.js';
 import { registerSubscriptionCommands } from './subscriptionCommands.js';
 import { registerRunCommand } from './runCommand.js';
+import { registerDemoCommand } from './demoCommand.js';
 import { packageVersion } from './version.js';
 import { EXIT, toOutboxError } from '../errors.js';
 
@@ -43,6 +44,7 @@ export function buildProgram(io: CliIo): { program: Command; context: () => Comm
   registerSecretCommands(program, ctx);
   registerSubscriptionCommands(program, ctx);
   registerRunCommand(program, ctx);
+  registerDemoCommand(program, ctx);
 
   // Subcommands inherit output settings and the exit override, so usage errors are handled alike.
   const configure = (cmd: Command): void => {

@@ -10,7 +10,8 @@ import type { Logger } from '../log.js';
 import type { OutcomeKind } from './outcome.js';
 
 export interface CompletionItem {
-  deliveryId: string;
+  eventId: string;
+  subscriptionId: number;
   attempt: number;
   kind: OutcomeKind;
   httpStatus: number | null;
@@ -20,7 +21,8 @@ export interface CompletionItem {
 }
 
 /** Records a batch of outcomes (see sql/005_relay_functions.sql); returns how many applied. */
-const COMPLETE = 'SELECT public.outbox_complete($1, $2::bigint[], $3::int[], $4::text[], $5::int[], $6::text[], $7::bigint[], $8::int[]) AS applied';
+const COMPLETE =
+  'SELECT public.outbox_complete($1, $2::bigint[], $3::bigint[], $4::int[], $5::text[], $6::int[], $7::text[], $8::bigint[], $9::int[]) AS applied';
 
 export interface CompletionOptions {
   pool: pg.Pool;
@@ -64,7 +66,8 @@ export class CompletionBuffer {
     try {
       const { rows } = await this.options.pool.query<{ applied: number }>(COMPLETE, [
         this.options.workerId,
-        batch.map((b) => b.deliveryId),
+        batch.map((b) => b.eventId),
+        batch.map((b) => b.subscriptionId),
         batch.map((b) => b.attempt),
         batch.map((b) => b.kind),
         batch.map((b) => b.httpStatus),

@@ -26,20 +26,23 @@ import { WakeupListener } from './wakeupListener.js';
 
 export const WAKEUP_CHANNEL = 'outbox_wakeup';
 
-/** Fans out one batch of new events; returns how many (a full batch means: call again). */
-const FAN_OUT = 'SELECT public.outbox_fan_out($1, $2) AS n';
-/** Claims due deliveries per subscription within capacity, leased to this worker. */
-const CLAIM = 'SELECT * FROM public.outbox_claim($1::bigint[], $2::int[], $3, $4)';
+/**
+ * One round trip: fans out a batch of new events (leasing fresh deliveries within our capacity) and
+ * claims due deliveries with the capacity left; the last row is a summary (see sql/005).
+ */
+const POLL = 'SELECT * FROM public.outbox_poll($1, $2::bigint[], $3::int[], $4, $5)';
 /** When the next ready delivery of these subscriptions falls due. */
 const NEXT_DUE = 'SELECT extract(epoch FROM public.outbox_next_due($1::bigint[])) * 1000 AS at';
 /** Gives back leases that were never used. */
-const RELEASE = 'SELECT public.outbox_release($1, $2::bigint[], $3::int[], $4::boolean[]) AS n';
-const SET_NOTIFY_MODE = 'UPDATE public.outbox_relay_state SET notify_mode = $1, updated_at = now() WHERE notify_mode IS DISTINCT FROM $1';
+const RELEASE = 'SELECT public.outbox_release($1, $2::bigint[], $3::bigint[], $4::int[], $5::boolean[]) AS n';
+/** The settings capture triggers read: when to NOTIFY, and the attempt limit stamped on new events. */
+const SET_RELAY_SETTINGS = `
+UPDATE public.outbox_relay_state SET notify_mode = $1, max_attempts = $2, updated_at = now()
+WHERE notify_mode IS DISTINCT FROM $1 OR max_attempts IS DISTINCT FROM $2`;
 /** "A relay is waiting: writers, please NOTIFY" (only used with notify mode idle). */
 const SET_IDLE = 'UPDATE public.outbox_relay_state SET relay_idle = $1, updated_at = now() WHERE relay_idle IS DISTINCT FROM $1';
 
 interface ClaimedRow {
-  delivery_id: string;
   event_id: string;
   subscription_id: string;
   attempt: number;
@@ -57,7 +60,6 @@ export interface AttemptReport {
   subscriptionId: number;
   tenant: string;
   eventId: string;
-  deliveryId: string;
   attempt: number;
   maxAttempts: number;
   outcome: Outcome;
@@ -206,7 +208,7 @@ export class Relay extends EventEmitter<RelayEvents> {
     }
     this.accepting = true;
     try {
-      await this.pool.query(SET_NOTIFY_MODE, [this.config.relay.notifyMode]);
+      await this.pool.query(SET_RELAY_SETTINGS, [this.config.relay.notifyMode, this.config.retry.maxAttempts]);
       await this.refreshSubscriptions();
       this.healthy = true;
     } catch (err) {
@@ -291,42 +293,40 @@ export class Relay extends EventEmitter<RelayEvents> {
   /** One round: fan out new events, claim within capacity, start sending. True if anything happened. */
   private async cycle(): Promise<boolean> {
     let progress = false;
-    if (this.fanoutWanted) {
+    const batch = this.config.relay.fanoutBatchSize;
+    for (let round = 0; ; round++) {
+      const { ids, caps } = this.capacities();
+      if (ids.length === 0 && !this.fanoutWanted) return progress;
       this.fanoutWanted = false;
-      const batch = this.config.relay.fanoutBatchSize;
-      for (;;) {
-        const t0 = performance.now();
-        const { rows } = await this.pool.query<{ n: number }>(FAN_OUT, [batch, this.config.retry.maxAttempts]);
-        const n = rows[0]?.n ?? 0;
-        this.emit('fanout', n, performance.now() - t0);
-        if (n > 0) progress = true;
-        if (n < batch || !this.accepting) break;
+      const t0 = performance.now();
+      const { rows } = await this.pool.query<ClaimedRow>(POLL, [batch, ids, caps, this.config.relay.leaseMs, this.config.relay.workerId]);
+      const ms = performance.now() - t0;
+      const summary = rows.pop();
+      const fanned = summary?.max_attempts ?? 0;
+      this.emit('fanout', fanned, ms);
+      this.emit('claim', rows.length, ms);
+      if (fanned > 0 || rows.length > 0) progress = true;
+      const got = new Map<number, number>();
+      const unused: ClaimedRow[] = [];
+      for (const row of rows) {
+        const id = Number(row.subscription_id);
+        got.set(id, (got.get(id) ?? 0) + 1);
+        const st = this.subs.get(id);
+        if (!st || !st.active || !this.accepting) unused.push(row);
+        else st.queue.push(row);
       }
+      ids.forEach((id, i) => {
+        const st = this.subs.get(id);
+        if (st) {
+          st.drained = (got.get(id) ?? 0) < (caps[i] ?? 0);
+          this.startSends(st);
+        }
+      });
+      if (unused.length) await this.release(unused, true);
+      // A full fan-out batch: more new events are waiting.
+      if (fanned < batch || !this.accepting || round > 100) return progress;
+      this.fanoutWanted = true;
     }
-    const { ids, caps } = this.capacities();
-    if (ids.length === 0) return progress;
-    const t0 = performance.now();
-    const { rows } = await this.pool.query<ClaimedRow>(CLAIM, [ids, caps, this.config.relay.leaseMs, this.config.relay.workerId]);
-    this.emit('claim', rows.length, performance.now() - t0);
-    if (rows.length > 0) progress = true;
-    const got = new Map<number, number>();
-    const unused: ClaimedRow[] = [];
-    for (const row of rows) {
-      const id = Number(row.subscription_id);
-      got.set(id, (got.get(id) ?? 0) + 1);
-      const st = this.subs.get(id);
-      if (!st || !st.active || !this.accepting) unused.push(row);
-      else st.queue.push(row);
-    }
-    ids.forEach((id, i) => {
-      const st = this.subs.get(id);
-      if (st) {
-        st.drained = (got.get(id) ?? 0) < (caps[i] ?? 0);
-        this.startSends(st);
-      }
-    });
-    if (unused.length) await this.release(unused, true);
-    return progress;
   }
 
   /**
@@ -388,7 +388,7 @@ export class Relay extends EventEmitter<RelayEvents> {
     st.inflight++;
     st.breaker.onStart();
     const p = this.deliver(st, row).catch((err: unknown) => {
-      this.log.error({ err: err instanceof Error ? err.message : String(err), deliveryId: row.delivery_id }, 'unexpected error while delivering');
+      this.log.error({ err: err instanceof Error ? err.message : String(err), eventId: row.event_id, subscription: st.sub.id }, 'unexpected error while delivering');
     });
     this.inflight.add(p);
     void p.finally(() => {
@@ -442,14 +442,14 @@ export class Relay extends EventEmitter<RelayEvents> {
       subscriptionId: sub.id,
       tenant: sub.tenant,
       eventId: row.event_id,
-      deliveryId: row.delivery_id,
       attempt: row.attempt,
       maxAttempts: row.max_attempts,
       outcome,
       result,
     });
     const item: CompletionItem = {
-      deliveryId: row.delivery_id,
+      eventId: row.event_id,
+      subscriptionId: sub.id,
       attempt: row.attempt,
       kind: aborted ? 'retry' : outcome.kind,
       httpStatus: result.status ?? null,
@@ -463,7 +463,8 @@ export class Relay extends EventEmitter<RelayEvents> {
   private async release(rows: ClaimedRow[], unsent: boolean): Promise<void> {
     await this.pool.query(RELEASE, [
       this.config.relay.workerId,
-      rows.map((r) => r.delivery_id),
+      rows.map((r) => r.event_id),
+      rows.map((r) => r.subscription_id),
       rows.map((r) => r.attempt),
       rows.map(() => unsent),
     ]);
