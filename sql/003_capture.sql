@@ -16,7 +16,9 @@ AS $$
         '')
 $$;
 
--- Exactly the keys whose values changed, with their new values.
+-- Exactly the keys whose values changed, with their new values. jsonb equality treats 1.0 and 1.00
+-- as equal; a change of a numeric's scale is a change of the data, so equal values are compared as
+-- text too (only then, so real changes pay nothing extra).
 CREATE FUNCTION public.outbox_changed_fields(old_data jsonb, new_data jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
@@ -24,22 +26,37 @@ AS $$
     SELECT coalesce(jsonb_object_agg(n.key, n.value), '{}'::jsonb)
     FROM jsonb_each(new_data) AS n
     WHERE n.value IS DISTINCT FROM old_data -> n.key
+       OR n.value::text <> (old_data -> n.key)::text
 $$;
 
 -- Trigger arguments: the table's primary-key column names, in key order (set at install).
+-- Rendering settings are pinned, so a payload looks the same whatever the writer's session set
+-- (timestamps in UTC, ISO dates inside ranges, hex bytea, shortest-exact floats).
 CREATE FUNCTION public.outbox_capture() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET "TimeZone" = 'UTC'
+SET "DateStyle" = 'ISO, YMD'
+SET "IntervalStyle" = 'postgres'
+SET bytea_output = 'hex'
+SET extra_float_digits = 1
 AS $fn$
 DECLARE
     -- TG_ARGV is indexed from 0; a slice renumbers it from 1.
     key_columns text[] := TG_ARGV[0:TG_NARGS - 1];
-    -- Names one statement of this transaction: with the xid, the relation and the row key it makes
-    -- dedupe keys that two real changes never share (a row changes at most once per statement).
-    stmt_seq    bigint := coalesce(nullif(current_setting('outbox.statement_seq', true), ''), '0')::bigint + 1;
+    prev_seq    text := current_setting('outbox.statement_seq', true);
+    -- Names one capturing statement of this transaction: with the xid, the relation and the row key
+    -- it makes dedupe keys that two real changes never share (a row changes at most once per
+    -- statement). Strictly increasing within the transaction, and never reused even when the session
+    -- loses the setting (RESET ALL) or sets it to something else: the counter never goes below the
+    -- clock in microseconds.
+    stmt_seq    bigint := greatest(
+                    CASE WHEN prev_seq ~ '^[0-9]{1,18}$' THEN prev_seq::bigint + 1 ELSE 0 END,
+                    (extract(epoch FROM clock_timestamp()) * 1000000)::bigint);
     key_prefix  text;
     inserted    integer;
+    -- A single-column key (the usual case) is read inline; only composite keys call outbox_key_of.
+    single_key  text := CASE WHEN TG_NARGS = 1 THEN TG_ARGV[0] END;
     -- Settings written by the relays (sql/002): when to NOTIFY, and the attempt limit to stamp.
     cfg_notify_mode  text;
     cfg_relay_idle   boolean;
@@ -50,6 +67,7 @@ BEGIN
     PERFORM set_config('outbox.statement_seq', stmt_seq::text, true);
     key_prefix := pg_current_xact_id()::text || ':' || stmt_seq || ':' || TG_RELID::bigint || ':';
 
+    -- Whole rows are referenced as "alias.*": a bare alias would mean a column of the same name.
     IF TG_OP = 'INSERT' THEN
         WITH ev AS (
         INSERT INTO public.outbox_events (tenant, event_type, aggregate_id, aggregate_type, payload, dedupe_key, max_attempts)
@@ -57,8 +75,8 @@ BEGIN
                jsonb_build_object('operation', 'INSERT', 'table', TG_TABLE_NAME, 'schema', TG_TABLE_SCHEMA,
                                   'timestamp', now(), 'old_data', NULL, 'new_data', r.j, 'changed_fields', NULL),
                key_prefix || 'i:' || md5(r.k), coalesce(cfg_max_attempts, 20)
-        FROM (SELECT t.j, public.outbox_key_of(t.j, key_columns) AS k
-              FROM (SELECT to_jsonb(n) AS j FROM outbox_new AS n) AS t) AS r
+        FROM (SELECT t.j, CASE WHEN single_key IS NOT NULL THEN coalesce(t.j ->> single_key, '') ELSE public.outbox_key_of(t.j, key_columns) END AS k
+              FROM (SELECT to_jsonb(new_row.*) AS j FROM outbox_new AS new_row) AS t) AS r
         ON CONFLICT (dedupe_key) DO NOTHING
         RETURNING id)
         INSERT INTO public.outbox_fanout_queue (event_id) SELECT ev.id FROM ev;
@@ -69,15 +87,16 @@ BEGIN
                jsonb_build_object('operation', 'DELETE', 'table', TG_TABLE_NAME, 'schema', TG_TABLE_SCHEMA,
                                   'timestamp', now(), 'old_data', r.j, 'new_data', NULL, 'changed_fields', NULL),
                key_prefix || 'd:' || md5(r.k), coalesce(cfg_max_attempts, 20)
-        FROM (SELECT t.j, public.outbox_key_of(t.j, key_columns) AS k
-              FROM (SELECT to_jsonb(o) AS j FROM outbox_old AS o) AS t) AS r
+        FROM (SELECT t.j, CASE WHEN single_key IS NOT NULL THEN coalesce(t.j ->> single_key, '') ELSE public.outbox_key_of(t.j, key_columns) END AS k
+              FROM (SELECT to_jsonb(old_row.*) AS j FROM outbox_old AS old_row) AS t) AS r
         ON CONFLICT (dedupe_key) DO NOTHING
         RETURNING id)
         INSERT INTO public.outbox_fanout_queue (event_id) SELECT ev.id FROM ev;
     ELSE
         -- Old and new rows are paired by primary key. A row whose key changed has no partner: it is
         -- captured as a delete of the old key and an insert of the new one (aggregates are keyed).
-        -- A pair whose data did not change produces no event.
+        -- A pair whose data did not change produces no event (compared as text when jsonb says
+        -- equal: 1.0 -> 1.00 is a change).
         WITH ev AS (
         INSERT INTO public.outbox_events (tenant, event_type, aggregate_id, aggregate_type, payload, dedupe_key, max_attempts)
         SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME || '_' || p.kind, p.k, TG_TABLE_NAME,
@@ -88,11 +107,11 @@ BEGIN
         FROM (
             SELECT o.j AS oj, n.j AS nj, coalesce(n.k, o.k) AS k,
                    CASE WHEN o.j IS NULL THEN 'insert' WHEN n.j IS NULL THEN 'delete' ELSE 'update' END AS kind
-            FROM (SELECT t.j, public.outbox_key_of(t.j, key_columns) AS k FROM (SELECT to_jsonb(x) AS j FROM outbox_old AS x) AS t) AS o
-            FULL JOIN (SELECT t.j, public.outbox_key_of(t.j, key_columns) AS k FROM (SELECT to_jsonb(x) AS j FROM outbox_new AS x) AS t) AS n
+            FROM (SELECT t.j, CASE WHEN single_key IS NOT NULL THEN coalesce(t.j ->> single_key, '') ELSE public.outbox_key_of(t.j, key_columns) END AS k FROM (SELECT to_jsonb(old_row.*) AS j FROM outbox_old AS old_row) AS t) AS o
+            FULL JOIN (SELECT t.j, CASE WHEN single_key IS NOT NULL THEN coalesce(t.j ->> single_key, '') ELSE public.outbox_key_of(t.j, key_columns) END AS k FROM (SELECT to_jsonb(new_row.*) AS j FROM outbox_new AS new_row) AS t) AS n
                 ON o.k = n.k
         ) AS p
-        WHERE p.oj IS DISTINCT FROM p.nj
+        WHERE p.oj IS DISTINCT FROM p.nj OR p.oj::text <> p.nj::text
         ORDER BY p.k
         ON CONFLICT (dedupe_key) DO NOTHING
         RETURNING id)
@@ -139,9 +158,21 @@ AS $$
                      AND $1 NOT LIKE 'pg\_%')
 $$;
 
+-- Tables of outbox-relay itself (public.outbox_* and the seed's event_acknowledgments): never captured.
+CREATE FUNCTION public.outbox_is_own_table(schema_name text, table_name text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT schema_name = 'public' AND (table_name LIKE 'outbox\_%' OR table_name = 'event_acknowledgments')
+$$;
+
 -- Installs (or re-installs, after a key change) the three capture triggers on one table.
 -- Returns false (with a WARNING) when the table has no primary key and strict is false; raises when
 -- strict. Names are looked up, never parsed, and quoted with format('%I').
+-- Triggers that are already as wanted are left alone, so the event trigger (which runs this for
+-- every ALTER TABLE in a captured schema) does not undo an operator's ALTER TABLE ... DISABLE
+-- TRIGGER; an explicit install (strict) re-creates disabled ones.
+-- outbox-relay's own tables are never captured: a trigger on outbox_events would call itself.
 CREATE FUNCTION public.outbox_install_capture(schema_name text, table_name text, strict boolean DEFAULT true)
 RETURNS boolean
 LANGUAGE plpgsql
@@ -154,6 +185,8 @@ DECLARE
     is_part boolean;
     keys    text[];
     args    text;
+    want    bytea;
+    current integer;
 BEGIN
     SELECT c.oid, c.relkind, c.relispartition INTO rel, kind, is_part
     FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
@@ -163,6 +196,13 @@ BEGIN
     END IF;
     IF kind NOT IN ('r', 'p') THEN
         RAISE EXCEPTION '%.% is not a table', schema_name, table_name USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF public.outbox_is_own_table(schema_name, table_name) THEN
+        IF strict THEN
+            RAISE EXCEPTION '%.% is a table of outbox-relay itself and cannot be captured', schema_name, table_name
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        RETURN false;
     END IF;
     IF is_part THEN
         -- Partitions are captured through their partitioned parent.
@@ -184,6 +224,20 @@ BEGIN
         RAISE WARNING 'outbox-relay: table %.% has no primary key and is not captured; add a primary key to capture it',
             schema_name, table_name;
         RETURN false;
+    END IF;
+
+    -- pg_trigger.tgargs: each argument followed by a zero byte.
+    SELECT string_agg(convert_to(k, pg_catalog.getdatabaseencoding()) || decode('00', 'hex'), ''::bytea ORDER BY o) INTO want
+    FROM unnest(keys) WITH ORDINALITY AS u(k, o);
+    SELECT count(*) INTO current
+    FROM pg_trigger AS t
+    WHERE t.tgrelid = rel
+      AND t.tgfoid = 'public.outbox_capture()'::regprocedure
+      AND t.tgargs = want
+      AND (t.tgname, t.tgtype) IN (('outbox_capture_insert', 4), ('outbox_capture_update', 16), ('outbox_capture_delete', 8))
+      AND (NOT strict OR t.tgenabled <> 'D');
+    IF current = 3 THEN
+        RETURN true;
     END IF;
 
     SELECT string_agg(quote_literal(k), ', ') INTO args FROM unnest(keys) AS k;

@@ -49,9 +49,14 @@ export type SchemaOwnership =
   | { state: 'free' }
   | { state: 'registered'; tenantId: number }
   | { state: 'collision'; tenantId: number }
-  | { state: 'unregistered-schema' };
+  | { state: 'unregistered-schema' }
+  /** The tenant is registered under another schema name: the hash key must have changed. */
+  | { state: 'key-changed'; registeredSchema: string };
 
-/** Who holds a tenant's schema name: nobody, this tenant, another tenant, or an unregistered schema. */
+/**
+ * Who holds a tenant's schema name: nobody, this tenant, another tenant, or an unregistered schema;
+ * or this tenant already holds another name (its hash key changed).
+ */
 export async function checkTenantSchema(client: pg.ClientBase, tenantId: number, schemaName: string): Promise<SchemaOwnership> {
   const reg = await client.query<{ tenant_id: string }>(
     'SELECT tenant_id::text FROM public.outbox_tenants WHERE schema_name = $1',
@@ -62,6 +67,8 @@ export async function checkTenantSchema(client: pg.ClientBase, tenantId: number,
     const ownerId = Number(owner.tenant_id);
     return ownerId === tenantId ? { state: 'registered', tenantId } : { state: 'collision', tenantId: ownerId };
   }
+  const mine = await client.query<{ schema_name: string }>('SELECT schema_name FROM public.outbox_tenants WHERE tenant_id = $1', [tenantId]);
+  if (mine.rows[0]) return { state: 'key-changed', registeredSchema: mine.rows[0].schema_name };
   const ns = await client.query('SELECT 1 FROM pg_namespace WHERE nspname = $1', [schemaName]);
   return ns.rowCount ? { state: 'unregistered-schema' } : { state: 'free' };
 }
@@ -73,6 +80,7 @@ export async function checkTenantSchema(client: pg.ClientBase, tenantId: number,
 export async function registerTenant(client: pg.ClientBase, tenantId: number, schemaName: string): Promise<SchemaOwnership> {
   const before = await checkTenantSchema(client, tenantId, schemaName);
   if (before.state === 'collision') throw collisionError(tenantId, schemaName, before.tenantId);
+  if (before.state === 'key-changed') throw keyChangedError(tenantId, before.registeredSchema);
   if (before.state === 'registered') return before;
   try {
     const res = await client.query(
@@ -80,11 +88,10 @@ export async function registerTenant(client: pg.ClientBase, tenantId: number, sc
       [tenantId, schemaName],
     );
     if (res.rowCount === 0) {
+      // Registered concurrently: under this name (fine) or another one (the key differs).
       const other = await client.query<{ schema_name: string }>('SELECT schema_name FROM public.outbox_tenants WHERE tenant_id = $1', [tenantId]);
-      throw new OutboxError(
-        `tenant ${tenantId} is already registered with schema "${other.rows[0]?.schema_name ?? '?'}"; its hash key (TENANT_HASH_SALT / TENANT_ENTROPY_SOURCE) must have changed`,
-        'E_TENANT_KEY_CHANGED',
-      );
+      const registered = other.rows[0]?.schema_name;
+      if (registered !== schemaName) throw keyChangedError(tenantId, registered ?? '?');
     }
   } catch (err) {
     if ((err as { code?: string }).code === '23505') {
@@ -94,6 +101,13 @@ export async function registerTenant(client: pg.ClientBase, tenantId: number, sc
     throw err;
   }
   return { state: 'registered', tenantId };
+}
+
+export function keyChangedError(tenantId: number, registeredSchema: string): OutboxError {
+  return new OutboxError(
+    `tenant ${tenantId} is already registered with schema "${registeredSchema}"; its hash key (TENANT_HASH_SALT / TENANT_ENTROPY_SOURCE) must have changed`,
+    'E_TENANT_KEY_CHANGED',
+  );
 }
 
 function collisionError(tenantId: number, schemaName: string, ownerId: number): OutboxError {

@@ -47,9 +47,17 @@ SELECT c.relkind::text AS kind FROM pg_class AS c JOIN pg_namespace AS n ON n.oi
 WHERE n.nspname = $1 AND c.relname = $2`;
 
 const INSTALL = 'SELECT public.outbox_install_capture($1, $2, true) AS installed';
+const IS_OWN_TABLE = 'SELECT public.outbox_is_own_table($1, $2) AS own';
 const REMOVE = 'SELECT public.outbox_remove_capture($1, $2) AS removed';
 const REGISTER_SCHEMA = 'INSERT INTO public.outbox_capture_schemas (schema_name) VALUES ($1) ON CONFLICT DO NOTHING';
 const UNREGISTER_SCHEMA = 'DELETE FROM public.outbox_capture_schemas WHERE schema_name = $1';
+/** A schema captured (or no longer captured) by name is taken off (or put on) the --all-schemas exclusions. */
+const UNEXCLUDE_SCHEMA = `
+UPDATE public.outbox_capture_settings SET excluded_schemas = array_remove(excluded_schemas, $1), updated_at = now()
+WHERE $1 = ANY (excluded_schemas)`;
+const EXCLUDE_SCHEMA = `
+UPDATE public.outbox_capture_settings SET excluded_schemas = array_append(excluded_schemas, $1), updated_at = now()
+WHERE all_schemas AND NOT ($1 = ANY (excluded_schemas))`;
 const SET_ALL_SCHEMAS = `
 UPDATE public.outbox_capture_settings SET all_schemas = $1, excluded_schemas = $2::text[], updated_at = now()`;
 
@@ -107,6 +115,13 @@ async function installTables(client: pg.ClientBase, schema: string, tables: read
         continue;
       }
     }
+    const own = await client.query<{ own: boolean }>(IS_OWN_TABLE, [schema, table]);
+    if (own.rows[0]?.own) {
+      // A capture trigger on outbox_events would capture its own inserts, endlessly.
+      if (!wholeSchema) throw new UsageError(`${schema}.${table} is a table of outbox-relay itself and cannot be captured`);
+      report.skipped.push({ schema, table, reason: 'outbox-relay\'s own table' });
+      continue;
+    }
     const { rows } = await client.query<{ has_pk: boolean }>(HAS_PRIMARY_KEY, [schema, table]);
     if (!rows[0]?.has_pk) {
       if (!wholeSchema) throw new UsageError(`table ${schema}.${table} has no primary key; add one before capturing it (events are keyed by the row's primary key)`);
@@ -119,6 +134,7 @@ async function installTables(client: pg.ClientBase, schema: string, tables: read
   }
   if (wholeSchema) {
     await client.query(REGISTER_SCHEMA, [schema]);
+    await client.query(UNEXCLUDE_SCHEMA, [schema]);
     report.schemas.push(schema);
   }
 }
@@ -165,6 +181,9 @@ export async function removeSchema(client: pg.ClientBase, schema: string, tables
     }
     if (tables.length === 0) {
       await client.query(UNREGISTER_SCHEMA, [schema]);
+      // With --all-schemas on, the schema would otherwise still be captured as a whole: new tables
+      // there would get triggers again. Removing it by name excludes it.
+      await client.query(EXCLUDE_SCHEMA, [schema]);
       report.schemas.push(schema);
     }
     return report;

@@ -1,6 +1,6 @@
 /** `tenants hash <id>`: a tenant's schema name, optionally checked and registered against the database. */
 import type { Command } from 'commander';
-import { checkTenantSchema, parseTenantId, registerTenant, tenantHash, type SchemaOwnership } from '../capture/tenantHash.js';
+import { checkTenantSchema, keyChangedError, parseTenantId, registerTenant, tenantHash, type SchemaOwnership } from '../capture/tenantHash.js';
 import { ConfigError, OutboxError } from '../errors.js';
 import { secretProblems } from '../config/secrets.js';
 import type { CommandContext } from './context.js';
@@ -12,6 +12,7 @@ function describe(o: SchemaOwnership, schema: string): string {
     case 'registered': return `schema "${schema}" is registered to this tenant`;
     case 'unregistered-schema': return `schema "${schema}" exists but is not registered to any tenant`;
     case 'collision': return `schema "${schema}" belongs to tenant ${o.tenantId}`;
+    case 'key-changed': return `this tenant is registered with schema "${o.registeredSchema}", not "${schema}"`;
   }
 }
 
@@ -39,6 +40,7 @@ export function registerTenantCommands(program: Command, ctx: () => CommandConte
         if (ownership.state === 'collision') {
           throw new OutboxError(`tenant hash collision: ${describe(ownership, schema)}; refusing to put two tenants on one schema`, 'E_TENANT_COLLISION');
         }
+        if (ownership.state === 'key-changed') throw keyChangedError(id, ownership.registeredSchema);
       }
       c.print(opts.json, { tenantId: id, schema, ...(ownership ? { ownership: ownership.state } : {}) }, () =>
         ownership ? `${schema}\n${describe(ownership, schema)}` : schema,

@@ -20,8 +20,9 @@ export function registerTriggerCommands(program: Command, ctx: () => CommandCont
     .option('--exclude <schema>', 'with --all-schemas: a schema to leave out (repeatable)', collect, [])
     .option('--json', 'print the result as JSON')
     .action(async (opts: { schema?: string; table: string[]; allSchemas?: boolean; exclude: string[]; json?: boolean }) => {
-      if (opts.allSchemas && (opts.schema || opts.table.length > 0)) throw new UsageError('use either --schema (with --table) or --all-schemas, not both');
-      if (!opts.allSchemas && !opts.schema) throw new UsageError('say which schema: --schema S, or --all-schemas');
+      // `--schema ''` is a schema name (an invalid one, refused as such), not a missing option.
+      if (opts.allSchemas && (opts.schema !== undefined || opts.table.length > 0)) throw new UsageError('use either --schema (with --table) or --all-schemas, not both');
+      if (!opts.allSchemas && opts.schema === undefined) throw new UsageError('say which schema: --schema S, or --all-schemas');
       if (!opts.allSchemas && opts.exclude.length > 0) throw new UsageError('--exclude goes with --all-schemas');
       const c = ctx();
       const report = await c.withClient(async (client) => {
@@ -46,8 +47,8 @@ export function registerTriggerCommands(program: Command, ctx: () => CommandCont
     .option('--all', 'remove capture from every table and turn off --all-schemas')
     .option('--json', 'print the result as JSON')
     .action(async (opts: { schema?: string; table: string[]; all?: boolean; json?: boolean }) => {
-      if (opts.all && opts.schema) throw new UsageError('use either --schema or --all, not both');
-      if (!opts.all && !opts.schema) throw new UsageError('say which schema: --schema S, or --all');
+      if (opts.all && opts.schema !== undefined) throw new UsageError('use either --schema or --all, not both');
+      if (!opts.all && opts.schema === undefined) throw new UsageError('say which schema: --schema S, or --all');
       const c = ctx();
       const report = await c.withClient(async (client) => {
         await requireMigrated(client);

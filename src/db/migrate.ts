@@ -29,6 +29,9 @@ export interface MigrationResult {
 
 const FILE_PATTERN = /^(\d{3,})_([a-z0-9_]+)\.sql$/;
 
+/** A migration as its file is named (001_outbox_core), so messages point at the file. */
+const label = (m: { version: number; name: string }): string => `${String(m.version).padStart(3, '0')}_${m.name}`;
+
 /** The migrations shipped with this package, in order. */
 export function loadMigrations(dir: string = SQL_DIR): Migration[] {
   const files = readdirSync(dir).filter((f) => f.endsWith('.sql')).sort();
@@ -74,14 +77,14 @@ export async function migrate(client: pg.ClientBase, migrations: Migration[] = l
     const unknown = rows.filter((r) => !known.has(r.version));
     if (unknown.length > 0) {
       throw new OutboxError(
-        `the database has migration ${unknown.map((r) => `${r.version}_${r.name}`).join(', ')} that this version of outbox-relay does not know; run a newer outbox-relay`,
+        `the database has migration ${unknown.map(label).join(', ')} that this version of outbox-relay does not know; run a newer outbox-relay`,
         'E_MIGRATION',
       );
     }
     for (const m of migrations) {
       const done = applied.get(m.version);
       if (done && done.checksum !== m.checksum) {
-        throw new OutboxError(`migration ${m.version}_${m.name} was changed after it was applied (checksum differs); restore the original file`, 'E_MIGRATION');
+        throw new OutboxError(`migration ${label(m)} was changed after it was applied (checksum differs); restore the original file`, 'E_MIGRATION');
       }
     }
     const result: MigrationResult = { applied: [], alreadyApplied: applied.size };
@@ -95,7 +98,7 @@ export async function migrate(client: pg.ClientBase, migrations: Migration[] = l
       } catch (err) {
         await client.query('ROLLBACK').catch(() => undefined);
         const msg = err instanceof Error ? err.message : String(err);
-        throw new OutboxError(`migration ${m.version}_${m.name} failed and was rolled back: ${msg}`, 'E_MIGRATION', 1, { cause: err });
+        throw new OutboxError(`migration ${label(m)} failed and was rolled back: ${msg}`, 'E_MIGRATION', 1, { cause: err });
       }
       result.applied.push({ version: m.version, name: m.name });
     }

@@ -1,8 +1,13 @@
 /**
  * Drops everything outbox-relay created in a database (development only; the CLI refuses it in
- * production): the event trigger, every public.outbox_* function (CASCADE removes the capture
- * triggers on tenant tables), table and type, and the seed's event_acknowledgments and
- * acknowledgment_status. Objects are found in the catalog, so migrations added later are covered.
+ * production). Dropping the capture function with CASCADE removes the triggers on tenant tables;
+ * tenant tables and their data are left alone.
+ *
+ * The objects are found in the catalog rather than listed here, so that a later migration's tables,
+ * functions and types are dropped too (a fixed list would leave them behind, and the migrate that
+ * follows would fail on "already exists"). Ours are: in schema public, everything named `outbox_*`,
+ * plus the seed's `event_acknowledgments` table and `acknowledgment_status` type; the event trigger
+ * `outbox_capture_new_tables`. A test checks that after a reset only what migrate creates exists.
  */
 import type pg from 'pg';
 
@@ -11,25 +16,42 @@ DO $reset$
 DECLARE
     r record;
 BEGIN
-    DROP EVENT TRIGGER IF EXISTS outbox_capture_new_tables;
+    FOR r IN SELECT evtname FROM pg_catalog.pg_event_trigger WHERE evtname LIKE 'outbox\\_%' LOOP
+        EXECUTE format('DROP EVENT TRIGGER IF EXISTS %I', r.evtname);
+    END LOOP;
+    -- Functions first: CASCADE takes the capture triggers on tenant tables with them. Names are
+    -- collected before dropping, as one drop may cascade to another object of the list.
     FOR r IN
-        SELECT p.oid::regprocedure AS fn FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
+        SELECT format('%I.%I(%s)', n.nspname, p.proname, pg_catalog.pg_get_function_identity_arguments(p.oid)) AS sig,
+               CASE p.prokind WHEN 'p' THEN 'PROCEDURE' WHEN 'a' THEN 'AGGREGATE' ELSE 'FUNCTION' END AS kind
+        FROM pg_catalog.pg_proc AS p JOIN pg_catalog.pg_namespace AS n ON n.oid = p.pronamespace
         WHERE n.nspname = 'public' AND p.proname LIKE 'outbox\\_%'
+        ORDER BY p.oid DESC
     LOOP
-        EXECUTE format('DROP FUNCTION IF EXISTS %s CASCADE', r.fn);
+        EXECUTE format('DROP %s IF EXISTS %s CASCADE', r.kind, r.sig);
     END LOOP;
     FOR r IN
-        SELECT c.relname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
-        WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND (c.relname LIKE 'outbox\\_%' OR c.relname = 'event_acknowledgments')
+        SELECT c.relname, CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'S' THEN 'SEQUENCE'
+                                         WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END AS kind
+        FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+          AND NOT c.relispartition
+          AND (c.relname LIKE 'outbox\\_%' OR c.relname = 'event_acknowledgments')
+        -- Tables first: their identity sequences go with them (IF EXISTS skips those afterwards).
+        ORDER BY c.relkind IN ('r', 'p') DESC, c.oid DESC
     LOOP
-        EXECUTE format('DROP TABLE IF EXISTS public.%I CASCADE', r.relname);
+        EXECUTE format('DROP %s IF EXISTS public.%I CASCADE', r.kind, r.relname);
     END LOOP;
     FOR r IN
-        SELECT t.typname FROM pg_type AS t JOIN pg_namespace AS n ON n.oid = t.typnamespace
-        WHERE n.nspname = 'public' AND t.typtype IN ('e', 'c') AND (t.typname LIKE 'outbox\\_%' OR t.typname = 'acknowledgment_status')
-          AND NOT EXISTS (SELECT 1 FROM pg_class AS c WHERE c.reltype = t.oid AND c.relkind <> 'c')
+        SELECT t.typname, CASE t.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END AS kind
+        FROM pg_catalog.pg_type AS t JOIN pg_catalog.pg_namespace AS n ON n.oid = t.typnamespace
+        WHERE n.nspname = 'public' AND t.typtype IN ('e', 'c', 'd', 'r', 'b')
+          AND (t.typtype <> 'c' OR (SELECT c.relkind FROM pg_catalog.pg_class AS c WHERE c.oid = t.typrelid) = 'c')
+          AND t.typelem = 0
+          AND (t.typname LIKE 'outbox\\_%' OR t.typname = 'acknowledgment_status')
+        ORDER BY t.oid DESC
     LOOP
-        EXECUTE format('DROP TYPE IF EXISTS public.%I CASCADE', r.typname);
+        EXECUTE format('DROP %s IF EXISTS public.%I CASCADE', r.kind, r.typname);
     END LOOP;
 END
 $reset$`;
