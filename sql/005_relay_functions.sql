@@ -75,9 +75,12 @@ CREATE FUNCTION public.outbox_poll(batch_size integer, subscription_ids bigint[]
 RETURNS SETOF public.outbox_claimed
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+-- Key lookups only: never let a stale estimate turn one into a scan of a large table.
+SET enable_seqscan = off
 AS $fn$
 DECLARE
     fanned_ids bigint[];
+    leased     public.outbox_claimed[];
     n_fanned   integer := 0;
     caps_left  integer[] := capacities;
 BEGIN
@@ -140,22 +143,28 @@ BEGIN
     END IF;
 
     IF n_fanned > 0 THEN
-        -- What fan-out leased to us (this transaction's now() tells them apart).
-        RETURN QUERY
-        SELECT d.event_id, d.subscription_id, d.attempts, e.max_attempts,
-               e.tenant::text, e.event_type::text, e.aggregate_id, e.aggregate_type::text, e.payload::text,
-               to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
-        FROM public.outbox_deliveries AS d JOIN public.outbox_events AS e ON e.id = d.event_id
-        WHERE d.event_id = ANY (fanned_ids) AND d.locked_by = worker AND d.last_attempt_at = now() AND d.state = 'ready'
-        ORDER BY d.event_id;
+        -- What fan-out leased to us: this transaction's now() tells them apart. Looked up by key from
+        -- the fanned ids (no state test, and OFFSET 0 keeps the lookup per id: see outbox_complete).
+        SELECT array_agg(ROW(d.event_id, d.subscription_id, d.attempts, e.max_attempts,
+                   e.tenant::text, e.event_type::text, e.aggregate_id, e.aggregate_type::text, e.payload::text,
+                   to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'))::public.outbox_claimed
+                   ORDER BY d.event_id)
+          INTO leased
+        FROM unnest(fanned_ids) AS f(id)
+        CROSS JOIN LATERAL (
+            SELECT x.event_id, x.subscription_id, x.attempts, x.locked_by, x.last_attempt_at
+            FROM public.outbox_deliveries AS x WHERE x.event_id = f.id
+            OFFSET 0
+        ) AS d
+        JOIN public.outbox_events AS e ON e.id = d.event_id
+        WHERE d.locked_by = worker AND d.last_attempt_at = now();
 
-        SELECT array_agg(greatest(c.cap - coalesce(l.n, 0), 0)::integer ORDER BY c.ord) INTO caps_left
-        FROM unnest(subscription_ids, capacities) WITH ORDINALITY AS c(sub, cap, ord)
-        LEFT JOIN (
-            SELECT d.subscription_id AS sub, count(*) AS n FROM public.outbox_deliveries AS d
-            WHERE d.event_id = ANY (fanned_ids) AND d.locked_by = worker AND d.last_attempt_at = now()
-            GROUP BY d.subscription_id
-        ) AS l ON l.sub = c.sub;
+        IF leased IS NOT NULL THEN
+            RETURN QUERY SELECT * FROM unnest(leased);
+            SELECT array_agg(greatest(c.cap - coalesce(l.n, 0), 0)::integer ORDER BY c.ord) INTO caps_left
+            FROM unnest(subscription_ids, capacities) WITH ORDINALITY AS c(sub, cap, ord)
+            LEFT JOIN (SELECT p.subscription_id AS sub, count(*) AS n FROM unnest(leased) AS p GROUP BY 1) AS l ON l.sub = c.sub;
+        END IF;
     END IF;
 
     IF cardinality(subscription_ids) > 0 THEN
@@ -193,9 +202,8 @@ CREATE FUNCTION public.outbox_complete(
 RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
--- Key lookups only: never let a stale estimate turn one into a scan of the queue.
+-- Key lookups only: never let a stale estimate turn one into a scan of a large table.
 SET enable_seqscan = off
-SET enable_bitmapscan = off
 AS $fn$
 DECLARE
     applied   integer;
@@ -213,15 +221,21 @@ BEGIN
             AS i(event_id, subscription_id, attempt, outcome, http_status, error, delay_ms, duration_ms)
         ORDER BY i.event_id, i.subscription_id
     ),
-    -- One primary-key lookup per outcome. "+ 0" keeps the planner off the claim index (keyed by
-    -- subscription, so O(queue) per lookup), which a fresh or just-drained queue's statistics make
-    -- look as cheap as the key.
+    -- One primary-key lookup per outcome, driven from the input. The state test stays outside the
+    -- locking subquery on purpose: inside, it would let the planner pick the claim index (partial on
+    -- state = 'ready', keyed by subscription), and with a fresh queue's statistics it does, scanning
+    -- the whole queue per outcome (seen: seconds per batch).
     target AS (
         SELECT d.event_id, d.subscription_id, d.lane, i.attempt, i.outcome, i.http_status, i.error, i.delay_ms, i.duration_ms
         FROM input AS i
-        JOIN public.outbox_deliveries AS d ON d.event_id = i.event_id AND d.subscription_id + 0 = i.subscription_id
+        CROSS JOIN LATERAL (
+            SELECT x.event_id, x.subscription_id, x.lane, x.attempts, x.locked_by, x.state
+            FROM public.outbox_deliveries AS x
+            WHERE x.event_id = i.event_id AND x.subscription_id = i.subscription_id
+            OFFSET 0 -- a fence: the state test below must not be pushed in here
+            FOR UPDATE
+        ) AS d
         WHERE d.attempts = i.attempt AND d.locked_by = worker AND d.state = 'ready'
-        FOR UPDATE OF d
     ),
     -- An event with deliveries to several subscriptions may see them finish in several transactions at
     -- once; locking it (in id order, no deadlocks) makes the last one see all the others' outcomes.
@@ -290,13 +304,19 @@ BEGIN
     -- A new statement sees the changes above: roll the events up, then promote each finished lane.
     IF ev_ids IS NOT NULL THEN
         UPDATE public.outbox_events AS e
-        SET attempts = CASE WHEN EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id AND d.state = 'dead')
-                            THEN e.max_attempts ELSE greatest(e.attempts, f.max_attempt) END,
-            processed_at = CASE WHEN e.processed_at IS NULL AND NOT EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id)
-                                THEN now() ELSE e.processed_at END,
+        SET attempts = CASE WHEN r.dead THEN e.max_attempts ELSE greatest(e.attempts, r.max_attempt) END,
+            processed_at = CASE WHEN e.processed_at IS NULL AND r.remaining = 0 THEN now() ELSE e.processed_at END,
             updated_at = now()
-        FROM unnest(ev_ids, ev_max) AS f(id, max_attempt)
-        WHERE e.id = f.id;
+        FROM (
+            -- What is left of each event's deliveries (by key: no state test, see target above).
+            SELECT f.id, f.max_attempt, left_over.remaining, left_over.dead
+            FROM unnest(ev_ids, ev_max) AS f(id, max_attempt)
+            CROSS JOIN LATERAL (
+                SELECT count(*) AS remaining, coalesce(bool_or(d.state = 'dead'), false) AS dead
+                FROM public.outbox_deliveries AS d WHERE d.event_id = f.id
+            ) AS left_over
+        ) AS r
+        WHERE e.id = r.id;
     END IF;
     IF lane_subs IS NOT NULL THEN
         PERFORM public.outbox_promote_lanes(lane_subs, lane_ids);

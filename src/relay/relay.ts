@@ -574,7 +574,9 @@ export class Relay extends EventEmitter<RelayEvents> {
     for (const t of [this.pollTimer, this.refreshTimer]) if (t) clearInterval(t);
     for (const t of [this.dueTimer, this.retryTimer]) if (t) clearTimeout(t);
     await this.listener?.stop().catch(() => undefined);
+    this.log.debug('stop: listener closed');
     await this.pumping?.catch(() => undefined);
+    this.log.debug('stop: claiming stopped');
     // Leases claimed ahead but not sent go back at once (no attempt counted), for other replicas.
     const queued = [...this.subs.values()].flatMap((st) => st.queue.splice(0));
     if (queued.length > 0) await this.release(queued, true).catch((err: unknown) => this.onDbError(err, 'releasing leases'));
@@ -592,8 +594,10 @@ export class Relay extends EventEmitter<RelayEvents> {
         await Promise.allSettled([...this.inflight]);
       }
     }
+    this.log.debug('stop: sends finished');
     this.completions.close();
     await this.completions.drain();
+    this.log.debug('stop: outcomes recorded');
     await this.sender.destroy().catch(() => undefined);
     this.log.info('relay stopped');
   }
