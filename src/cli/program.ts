@@ -12,6 +12,7 @@ import { registerTriggerCommands } from './triggerCommands.js';
 import { registerSubscriptionCommands } from './subscriptionCommands.js';
 import { registerRunCommand } from './runCommand.js';
 import { registerDemoCommand } from './demoCommand.js';
+import { registerOpsCommands } from './opsCommands.js';
 import { packageVersion } from './version.js';
 import { EXIT, toOutboxError } from '../errors.js';
 
@@ -45,6 +46,7 @@ export function buildProgram(io: CliIo): { program: Command; context: () => Comm
   registerSubscriptionCommands(program, ctx);
   registerRunCommand(program, ctx);
   registerDemoCommand(program, ctx);
+  registerOpsCommands(program, ctx);
 
   // Subcommands inherit output settings and the exit override, so usage errors are handled alike.
   const configure = (cmd: Command): void => {

@@ -15,7 +15,7 @@ export function registerRunCommand(program: Command, ctx: () => CommandContext):
       const c = ctx();
       const config = c.config;
       const logger = createLogger({ level: config.log.level, fd: 1 });
-      const daemon = new RelayDaemon({ config, logger, version: packageVersion(), migrate: Boolean(opts.migrate), cipher: secretCipherFor(c) });
+      const daemon = new RelayDaemon({ config, logger, version: packageVersion(), migrate: Boolean(opts.migrate), cipher: secretCipherFor(c, (m) => logger.warn(m)) });
       let signals = 0;
       const stopped = new Promise<void>((resolve) => {
         const onSignal = (signal: NodeJS.Signals): void => {

@@ -9,6 +9,7 @@ import {
   listSubscriptions,
   parseSubscriptionId,
   replay,
+  reencryptSecrets,
   rotateSecret,
 } from '../subscriptions/store.js';
 import type { CommandContext } from './context.js';
@@ -131,6 +132,20 @@ export function registerSubscriptionCommands(program: Command, ctx: () => Comman
         return rotateSecret(client, sid, grace, opts.secret, secretCipherFor(c));
       });
       c.print(opts.json, { id: sid, ...res }, () => `new signing secret of subscription ${sid} (shown once): ${res.secret}\nthe previous secret signs too until ${res.previousValidUntil || 'now'}`);
+    });
+
+  subs
+    .command('reencrypt')
+    .description('encrypt every stored signing secret with the current key (after turning encryption on, or after putting a new key first in OUTBOX_ENCRYPTION_KEYS)')
+    .option('--json', 'print {"updated":N,"total":M}')
+    .action(async (opts: { json?: boolean }) => {
+      const c = ctx();
+      const cipher = secretCipherFor(c);
+      const res = await c.withClient(async (client) => {
+        await requireMigrated(client);
+        return reencryptSecrets(client, cipher);
+      });
+      c.print(opts.json, res, () => `${res.updated} of ${res.total} signing secrets re-encrypted with the current key`);
     });
 
   program

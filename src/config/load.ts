@@ -7,7 +7,9 @@ import { readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import convict from 'convict';
+import cron from 'node-cron';
 import { ConfigError } from '../errors.js';
+import { parseKeyring } from '../subscriptions/secretCipher.js';
 import { schema, schemaEntries, sensitiveEnvNames, type Config } from './schema.js';
 
 export type Env = Readonly<Record<string, string | undefined>>;
@@ -198,11 +200,36 @@ function checkDatabaseUrl(url: string): string | undefined {
   return undefined;
 }
 
+/** JWT registered claims: a tenant or user claim of one of these names would be a mistake. */
+const RESERVED_CLAIMS = new Set(['exp', 'nbf', 'iat', 'iss', 'aud', 'jti']);
+
+/** The pull API's keys (`outbox-relay api`). */
+function apiChecks(a: Config['api']): string[] {
+  const problems: string[] = [];
+  for (const [key, env, claim] of [['jwtTenantClaim', 'API_JWT_TENANT_CLAIM', a.jwtTenantClaim], ['jwtUserClaim', 'API_JWT_USER_CLAIM', a.jwtUserClaim]] as const) {
+    if (!/^[A-Za-z_][A-Za-z0-9_.:-]{0,99}$/.test(claim)) problems.push(`api.${key} (${env}): must be a claim name (letters, digits, _ . : -), got ${JSON.stringify(claim)}`);
+    else if (RESERVED_CLAIMS.has(claim)) problems.push(`api.${key} (${env}): "${claim}" is a registered JWT claim, not a tenant or user`);
+  }
+  if (a.jwtTenantClaim === a.jwtUserClaim) problems.push('api.jwtUserClaim (API_JWT_USER_CLAIM): must differ from api.jwtTenantClaim (API_JWT_TENANT_CLAIM)');
+  if (a.jwtClockSkewSeconds > 300) problems.push('api.jwtClockSkewSeconds (API_JWT_CLOCK_SKEW_SECONDS): must be at most 300');
+  if (a.rateLimitPerSecond > 0 && a.rateLimitBurst < 1) problems.push('api.rateLimitBurst (API_RATE_LIMIT_BURST): must be at least 1 while the rate limit is on');
+  if (a.bodyLimitBytes < 1_024 || a.bodyLimitBytes > 10_485_760) problems.push('api.bodyLimitBytes (API_BODY_LIMIT_BYTES): must be 1024 to 10485760');
+  if (a.requestTimeoutMs < 100) problems.push('api.requestTimeoutMs (API_REQUEST_TIMEOUT_MS): must be at least 100');
+  return problems;
+}
+
 /** Relations between keys that no single format can express. */
 function crossChecks(c: Config): string[] {
   const problems: string[] = [];
   const urlProblem = checkDatabaseUrl(c.database.url);
   if (urlProblem) problems.push(urlProblem);
+  if (c.secrets.encryptionKeys) {
+    try {
+      parseKeyring(c.secrets.encryptionKeys);
+    } catch (err) {
+      problems.push(`secrets.encryptionKeys (${(err as ConfigError).message})`);
+    }
+  }
   if (c.database.poolMax < 2) problems.push('database.poolMax (DB_POOL_MAX): must be at least 2');
   if (c.relay.fanoutBatchSize < 1 || c.relay.fanoutBatchSize > 10_000) problems.push('relay.fanoutBatchSize (RELAY_FANOUT_BATCH_SIZE): must be 1 to 10000');
   if (c.relay.claimBatchSize < 1 || c.relay.claimBatchSize > 10_000) problems.push('relay.claimBatchSize (RELAY_CLAIM_BATCH_SIZE): must be 1 to 10000');
@@ -219,9 +246,11 @@ function crossChecks(c: Config): string[] {
   if (c.retry.maxAttempts < 1 || c.retry.maxAttempts > 1000) problems.push('retry.maxAttempts (RETRY_MAX_ATTEMPTS): must be 1 to 1000');
   if (c.retry.baseMs < 1) problems.push('retry.baseMs (RETRY_BASE_MS): must be at least 1');
   if (c.retry.baseMs > c.retry.maxMs) problems.push('retry.baseMs (RETRY_BASE_MS): must not exceed retry.maxMs (RETRY_MAX_MS)');
+  if (!cron.validate(c.retention.schedule)) problems.push(`retention.schedule (RETENTION_SCHEDULE): not a valid cron expression: ${JSON.stringify(c.retention.schedule)}`);
   if (c.retention.batchSize < 1) problems.push('retention.batchSize (RETENTION_BATCH_SIZE): must be at least 1');
   if (c.retention.days < 1) problems.push('retention.days (RETENTION_DAYS): must be at least 1');
   if (c.retention.deadDays < c.retention.days) problems.push('retention.deadDays (RETENTION_DEAD_DAYS): must be at least retention.days (RETENTION_DAYS)');
+  problems.push(...apiChecks(c.api));
   return problems;
 }
 

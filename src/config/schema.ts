@@ -91,6 +91,13 @@ export const schema = {
       env: 'TENANT_ENTROPY_SOURCE',
       sensitive: true,
     },
+    encryptionKeys: {
+      doc: 'Keys that encrypt subscription signing secrets at rest (AES-256-GCM): `id:base64key,…`, 32-byte keys; the first encrypts, all decrypt. Required in production.',
+      format: String,
+      default: '',
+      env: 'OUTBOX_ENCRYPTION_KEYS',
+      sensitive: true,
+    },
   },
   relay: {
     enabled: {
@@ -223,6 +230,56 @@ export const schema = {
   api: {
     port: { doc: 'Port of the pull API sidecar (`outbox-relay api`).', format: 'port', default: 3000, env: 'PORT' },
     host: { doc: 'Address the pull API binds to.', format: String, default: '0.0.0.0', env: 'API_HOST' },
+    jwtTenantClaim: {
+      doc: 'Claim of the bearer token that holds the tenant (its schema name). The tenant comes from the token only.',
+      format: String,
+      default: 'tenant',
+      env: 'API_JWT_TENANT_CLAIM',
+    },
+    jwtUserClaim: {
+      doc: 'Claim of the bearer token that holds the user id (an integer, or a string of one); anything else is refused (401).',
+      format: String,
+      default: 'sub',
+      env: 'API_JWT_USER_CLAIM',
+    },
+    jwtClockSkewSeconds: {
+      doc: 'Leeway for `exp` and `nbf` between the issuing application\'s clock and ours (at most 300).',
+      format: 'nat',
+      default: 30,
+      env: 'API_JWT_CLOCK_SKEW_SECONDS',
+    },
+    jwtIssuer: { doc: 'When set, tokens must carry this `iss`.', format: String, default: '', env: 'API_JWT_ISSUER' },
+    jwtAudience: { doc: 'When set, tokens must carry this `aud`.', format: String, default: '', env: 'API_JWT_AUDIENCE' },
+    rateLimitPerSecond: {
+      doc: 'Requests per second allowed to each token holder (tenant and user), refilled continuously; 0 turns the limit off. Over it: 429 with Retry-After.',
+      format: 'nat',
+      default: 100,
+      env: 'API_RATE_LIMIT_PER_SECOND',
+    },
+    rateLimitBurst: {
+      doc: 'Requests a token holder may make at once above the steady rate (the bucket size).',
+      format: 'nat',
+      default: 200,
+      env: 'API_RATE_LIMIT_BURST',
+    },
+    bodyLimitBytes: {
+      doc: 'Largest request body accepted (413 above it). Acknowledgment metadata is limited to 10 KB on its own.',
+      format: 'nat',
+      default: 16_384,
+      env: 'API_BODY_LIMIT_BYTES',
+    },
+    requestTimeoutMs: {
+      doc: 'Longest a request may take, from its first byte to the response (503 after it); also the statement_timeout of the sidecar\'s queries.',
+      format: 'nat',
+      default: 10_000,
+      env: 'API_REQUEST_TIMEOUT_MS',
+    },
+    totalCacheMs: {
+      doc: 'How old `pagination.total` may be when more pages follow (counting a large tenant costs a scan; it is refreshed in the background). 0 counts on every request. The last page\'s total is always exact.',
+      format: 'nat',
+      default: 2_000,
+      env: 'API_TOTAL_CACHE_MS',
+    },
   },
   retention: {
     enabled: { doc: 'Run the retention job on its schedule inside `run`.', format: Boolean, default: true, env: 'RETENTION_ENABLED' },
@@ -262,6 +319,7 @@ export interface Config {
     refreshTokenSecret: string;
     tenantHashSalt: string;
     tenantEntropySource: string;
+    encryptionKeys: string;
   };
   relay: {
     enabled: boolean;
@@ -292,7 +350,20 @@ export interface Config {
     retryAfterMaxMs: number;
   };
   metrics: { enabled: boolean; port: number; host: string };
-  api: { port: number; host: string };
+  api: {
+    port: number;
+    host: string;
+    jwtTenantClaim: string;
+    jwtUserClaim: string;
+    jwtClockSkewSeconds: number;
+    jwtIssuer: string;
+    jwtAudience: string;
+    rateLimitPerSecond: number;
+    rateLimitBurst: number;
+    bodyLimitBytes: number;
+    requestTimeoutMs: number;
+    totalCacheMs: number;
+  };
   retention: { enabled: boolean; days: number; deadDays: number; schedule: string; batchSize: number };
   log: { level: LogLevel };
 }

@@ -3,6 +3,7 @@
  * Pure functions: they never print or log a secret's value.
  */
 import { randomBytes } from 'node:crypto';
+import { generateKeyEntry, parseKeyring } from '../subscriptions/secretCipher.js';
 import type { Config } from './schema.js';
 
 /** A secret this tool knows: where it lives in the config, its env name and its minimum strength. */
@@ -14,6 +15,8 @@ export interface SecretSpec {
   /** Minimum estimated entropy in bits. */
   minBits: number;
   generate: () => string;
+  /** A format check that replaces the length and entropy rules (for structured values). */
+  check?: (value: string) => string | undefined;
 }
 
 export const SECRET_SPECS: readonly SecretSpec[] = [
@@ -21,6 +24,21 @@ export const SECRET_SPECS: readonly SecretSpec[] = [
   { key: 'refreshTokenSecret', env: 'REFRESH_TOKEN_SECRET', minLength: 32, minBits: 128, generate: () => randomBytes(32).toString('hex') },
   { key: 'tenantHashSalt', env: 'TENANT_HASH_SALT', minLength: 16, minBits: 96, generate: () => randomBytes(32).toString('base64') },
   { key: 'tenantEntropySource', env: 'TENANT_ENTROPY_SOURCE', minLength: 16, minBits: 64, generate: () => randomBytes(24).toString('base64url') },
+  {
+    key: 'encryptionKeys',
+    env: 'OUTBOX_ENCRYPTION_KEYS',
+    minLength: 0,
+    minBits: 0,
+    generate: () => generateKeyEntry(),
+    check: (value) => {
+      try {
+        parseKeyring(value);
+        return undefined;
+      } catch (err) {
+        return (err as Error).message;
+      }
+    },
+  },
 ];
 
 /** Words and shapes of values that were typed by a person or copied from an example. */
@@ -83,6 +101,7 @@ export function estimateBits(whole: string): number {
 /** What is wrong with one secret's value, or undefined when it is strong enough. */
 export function weaknessOf(spec: SecretSpec, value: string): string | undefined {
   if (value.length === 0) return `${spec.env} is missing`;
+  if (spec.check) return spec.check(value);
   if (value.length < spec.minLength) return `${spec.env} is too short (${value.length} characters; at least ${spec.minLength})`;
   if (DEFAULT_LOOKING.some((re) => re.test(value))) return `${spec.env} looks like a default or example value`;
   const bits = estimateBits(value);

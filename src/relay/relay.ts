@@ -188,9 +188,11 @@ export class Relay extends EventEmitter<RelayEvents> {
     return this.inflight.size;
   }
 
-  /** Circuit state per subscription (for metrics and status). */
-  circuits(): Array<{ subscriptionId: number; tenant: string; state: CircuitState }> {
-    return [...this.subs.values()].filter((s) => s.active).map((s) => ({ subscriptionId: s.sub.id, tenant: s.sub.tenant, state: s.breaker.state }));
+  /** Circuit state per subscription (for metrics and status); probeAt: when an open one probes. */
+  circuits(): Array<{ subscriptionId: number; tenant: string; state: CircuitState; probeAt?: number }> {
+    return [...this.subs.values()]
+      .filter((s) => s.active)
+      .map((s) => ({ subscriptionId: s.sub.id, tenant: s.sub.tenant, state: s.breaker.state, ...(s.breaker.retryAt ? { probeAt: s.breaker.retryAt } : {}) }));
   }
 
   /**

@@ -9,7 +9,7 @@ import { UsageError } from '../errors.js';
 import { parseEventFilter } from '../relay/eventFilter.js';
 import { generateSigningSecret, secretKey } from '../webhook/secret.js';
 import { validateWebhookUrl, type UrlPolicy } from '../webhook/validateUrl.js';
-import { type SecretCipher, plainCipher } from './secretCipher.js';
+import { type SecretCipher, plainCipher, storedKeyId } from './secretCipher.js';
 
 /** Channel on which relays hear that subscriptions changed (they reload at once). */
 export const SUBSCRIPTIONS_CHANNEL = 'outbox_subscriptions';
@@ -254,3 +254,29 @@ export async function replay(client: pg.ClientBase, filter: ReplayFilter, batchS
   return total;
 }
 
+
+/**
+ * Encrypts every stored signing secret with the current key (the first of OUTBOX_ENCRYPTION_KEYS):
+ * plain ones after encryption is turned on, and ones under an older key after a rotation. One
+ * transaction; returns how many changed.
+ */
+export async function reencryptSecrets(client: pg.ClientBase, cipher: SecretCipher): Promise<{ updated: number; total: number }> {
+  if (!cipher.encrypts) throw new UsageError('set OUTBOX_ENCRYPTION_KEYS first: there is no key to encrypt with');
+  const current = storedKeyId(cipher.encrypt('probe'));
+  await client.query('BEGIN');
+  try {
+    const { rows } = await client.query<{ id: string; secret: string }>('SELECT id, secret FROM public.outbox_subscription_secrets ORDER BY id FOR UPDATE');
+    let updated = 0;
+    for (const row of rows) {
+      if (storedKeyId(row.secret) === current) continue;
+      await client.query('UPDATE public.outbox_subscription_secrets SET secret = $2 WHERE id = $1', [row.id, cipher.encrypt(cipher.decrypt(row.secret))]);
+      updated++;
+    }
+    if (updated > 0) await notifyChanged(client);
+    await client.query('COMMIT');
+    return { updated, total: rows.length };
+  } catch (err) {
+    await client.query('ROLLBACK').catch(() => undefined);
+    throw err;
+  }
+}

@@ -1,0 +1,91 @@
+/**
+ * `outbox-relay status`: the seed's monitoring queries (unchanged, they run as the seed wrote them),
+ * plus the lag per tenant and the subscriptions that need attention.
+ */
+import type pg from 'pg';
+
+/** The seed's "Event processing statistics". */
+const EVENT_STATS = `
+SELECT
+  tenant,
+  event_type,
+  COUNT(*) as total_events,
+  COUNT(CASE WHEN processed_at IS NOT NULL THEN 1 END) as processed,
+  COUNT(CASE WHEN processed_at IS NULL AND attempts < max_attempts THEN 1 END) as pending,
+  COUNT(CASE WHEN attempts >= max_attempts THEN 1 END) as failed
+FROM outbox_events
+GROUP BY tenant, event_type`;
+
+/** The seed's "User acknowledgment statistics". */
+const ACK_STATS = `
+SELECT
+  user_id,
+  processor,
+  status,
+  COUNT(*) as acknowledgment_count
+FROM event_acknowledgments
+GROUP BY user_id, processor, status`;
+
+/** The seed's "Performance monitoring". */
+const PROCESSING_TIME = `
+SELECT
+  event_type,
+  AVG(EXTRACT(EPOCH FROM (processed_at - created_at))) as avg_processing_time_seconds
+FROM outbox_events
+WHERE processed_at IS NOT NULL
+GROUP BY event_type`;
+
+/** Lag per tenant: the oldest unprocessed event (captured, not yet delivered everywhere). */
+const LAG = `
+SELECT tenant::text AS tenant, count(*)::bigint AS unprocessed,
+       extract(epoch FROM now() - min(created_at))::float8 AS oldest_seconds
+FROM public.outbox_events
+WHERE processed_at IS NULL
+GROUP BY tenant
+ORDER BY oldest_seconds DESC`;
+
+/** Subscriptions that are disabled or have an open circuit on some replica. */
+const ATTENTION = `
+SELECT s.id::int, s.tenant::text AS tenant, s.user_id AS "userId", s.enabled, s.disabled_reason AS "disabledReason",
+       (SELECT json_agg(json_build_object('worker', c.worker_id, 'state', c.state,
+                                          'since', to_char(c.changed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')))
+        FROM public.outbox_circuit_states AS c WHERE c.subscription_id = s.id) AS circuits,
+       (SELECT count(*)::int FROM public.outbox_deliveries AS d WHERE d.subscription_id = s.id AND d.state = 'dead') AS dead
+FROM public.outbox_subscriptions AS s
+WHERE NOT s.enabled
+   OR EXISTS (SELECT 1 FROM public.outbox_circuit_states AS c WHERE c.subscription_id = s.id)
+   OR EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.subscription_id = s.id AND d.state = 'dead')
+ORDER BY s.id`;
+
+export interface StatusReport {
+  events: Array<{ tenant: string; event_type: string; total_events: number; processed: number; pending: number; failed: number }>;
+  acknowledgments: Array<{ user_id: number; processor: string; status: string; acknowledgment_count: number }>;
+  processingTime: Array<{ event_type: string; avg_processing_time_seconds: number }>;
+  lag: Array<{ tenant: string; unprocessed: number; oldest_seconds: number }>;
+  attention: Array<{ id: number; tenant: string; userId: number; enabled: boolean; disabledReason: string | null; circuits: Array<{ worker: string; state: string; since: string }> | null; dead: number }>;
+}
+
+const num = (v: unknown): number => Number(v);
+
+export async function statusReport(client: pg.ClientBase): Promise<StatusReport> {
+  // The seed's queries use unqualified names: pin the search path for them.
+  await client.query('SET search_path = public');
+  const events = await client.query(EVENT_STATS);
+  const acks = await client.query(ACK_STATS);
+  const times = await client.query(PROCESSING_TIME);
+  const lag = await client.query(LAG);
+  const attention = await client.query(ATTENTION);
+  return {
+    events: events.rows
+      .map((r) => ({ tenant: r.tenant, event_type: r.event_type, total_events: num(r.total_events), processed: num(r.processed), pending: num(r.pending), failed: num(r.failed) }))
+      .sort((a, b) => a.tenant.localeCompare(b.tenant) || a.event_type.localeCompare(b.event_type)),
+    acknowledgments: acks.rows
+      .map((r) => ({ user_id: num(r.user_id), processor: r.processor, status: r.status, acknowledgment_count: num(r.acknowledgment_count) }))
+      .sort((a, b) => a.user_id - b.user_id || a.processor.localeCompare(b.processor) || a.status.localeCompare(b.status)),
+    processingTime: times.rows
+      .map((r) => ({ event_type: r.event_type, avg_processing_time_seconds: num(r.avg_processing_time_seconds) }))
+      .sort((a, b) => a.event_type.localeCompare(b.event_type)),
+    lag: lag.rows.map((r) => ({ tenant: r.tenant, unprocessed: num(r.unprocessed), oldest_seconds: num(r.oldest_seconds) })),
+    attention: attention.rows,
+  };
+}
