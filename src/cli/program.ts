@@ -13,6 +13,7 @@ import { registerSubscriptionCommands } from './subscriptionCommands.js';
 import { registerRunCommand } from './runCommand.js';
 import { registerDemoCommand } from './demoCommand.js';
 import { registerOpsCommands } from './opsCommands.js';
+import { registerHealthcheckCommand } from './healthcheckCommand.js';
 import { packageVersion } from './version.js';
 import { EXIT, toOutboxError } from '../errors.js';
 
@@ -47,6 +48,7 @@ export function buildProgram(io: CliIo): { program: Command; context: () => Comm
   registerRunCommand(program, ctx);
   registerDemoCommand(program, ctx);
   registerOpsCommands(program, ctx);
+  registerHealthcheckCommand(program, ctx);
 
   // Subcommands inherit output settings and the exit override, so usage errors are handled alike.
   const configure = (cmd: Command): void => {
