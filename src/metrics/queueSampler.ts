@@ -25,13 +25,21 @@ waiting AS (
   SELECT e.tenant::text AS tenant, count(*) AS queued, min(e.created_at) AS oldest
   FROM public.outbox_fanout_queue AS q JOIN public.outbox_events AS e ON e.id = q.event_id
   GROUP BY e.tenant
+),
+-- Every tenant with a subscription is reported (0 when caught up), so gauges never just vanish.
+tenants AS (
+  SELECT DISTINCT s.tenant::text AS tenant FROM public.outbox_subscriptions AS s
+  UNION SELECT tenant FROM deliveries
+  UNION SELECT tenant FROM waiting
 )
-SELECT coalesce(d.tenant, w.tenant) AS tenant,
+SELECT t.tenant,
        coalesce(d.pending, 0)::float8 AS pending,
        coalesce(d.dead, 0)::float8 AS dead,
        coalesce(w.queued, 0)::float8 AS queued,
        coalesce(extract(epoch FROM now() - least(d.oldest, w.oldest)), 0)::float8 AS oldest_age
-FROM deliveries AS d FULL JOIN waiting AS w ON w.tenant = d.tenant`;
+FROM tenants AS t
+LEFT JOIN deliveries AS d ON d.tenant = t.tenant
+LEFT JOIN waiting AS w ON w.tenant = t.tenant`;
 
 export interface SamplerOptions {
   pool: pg.Pool;
