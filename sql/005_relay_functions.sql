@@ -36,15 +36,16 @@ CREATE TYPE public.outbox_claimed AS (
 );
 
 -- Claim: for each subscription, up to its capacity of due ready deliveries (oldest due first), leased
--- to worker until now() + lease_ms; each claim counts as an attempt.
-CREATE FUNCTION public.outbox_claim(subscription_ids bigint[], capacities integer[], lease_ms integer, worker text)
+-- to worker until now() + that subscription's lease (the relay sizes it from the subscription's
+-- timeout); each claim counts as an attempt.
+CREATE FUNCTION public.outbox_claim(subscription_ids bigint[], capacities integer[], leases_ms integer[], worker text)
 RETURNS SETOF public.outbox_claimed
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$
     WITH c AS (
-        SELECT x.event_id, x.subscription_id
-        FROM unnest(subscription_ids, capacities) AS s(sub, cap)
+        SELECT x.event_id, x.subscription_id, s.lease
+        FROM unnest(subscription_ids, capacities, leases_ms) AS s(sub, cap, lease)
         CROSS JOIN LATERAL (
             SELECT d.event_id, d.subscription_id FROM public.outbox_deliveries AS d
             WHERE d.subscription_id = s.sub AND d.state = 'ready' AND d.next_attempt_at <= now()
@@ -55,7 +56,7 @@ AS $$
     )
     UPDATE public.outbox_deliveries AS d
     SET attempts = d.attempts + 1,
-        next_attempt_at = now() + lease_ms * interval '1 millisecond',
+        next_attempt_at = now() + c.lease * interval '1 millisecond',
         locked_by = worker,
         last_attempt_at = now()
     FROM c, public.outbox_events AS e
@@ -71,7 +72,7 @@ $$;
 -- deliveries with the capacity left. An event nothing matches is processed at once.
 -- Returns the leased deliveries, then one summary row (event_id NULL) whose max_attempts column holds
 -- how many events were fanned out (batch_size means: call again).
-CREATE FUNCTION public.outbox_poll(batch_size integer, subscription_ids bigint[], capacities integer[], lease_ms integer, worker text)
+CREATE FUNCTION public.outbox_poll(batch_size integer, subscription_ids bigint[], capacities integer[], leases_ms integer[], worker text)
 RETURNS SETOF public.outbox_claimed
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -115,16 +116,16 @@ BEGIN
         ),
         leasing AS (
             SELECT x.*, x.is_ready AND row_number() OVER (PARTITION BY x.subscription_id, x.is_ready ORDER BY x.event_id)
-                        <= coalesce(c.cap, 0) AS leased
+                        <= coalesce(c.cap, 0) AS leased, c.lease
             FROM decided AS x
-            LEFT JOIN unnest(subscription_ids, capacities) AS c(sub, cap) ON c.sub = x.subscription_id
+            LEFT JOIN unnest(subscription_ids, capacities, leases_ms) AS c(sub, cap, lease) ON c.sub = x.subscription_id
         ),
         ins AS (
             INSERT INTO public.outbox_deliveries (event_id, subscription_id, lane, state, attempts, next_attempt_at, locked_by, last_attempt_at)
             SELECT l.event_id, l.subscription_id, l.lane,
                    CASE WHEN l.is_ready THEN 'ready' ELSE 'waiting' END::public.outbox_delivery_state,
                    CASE WHEN l.leased THEN 1 ELSE 0 END,
-                   CASE WHEN l.leased THEN now() + lease_ms * interval '1 millisecond' ELSE now() END,
+                   CASE WHEN l.leased THEN now() + l.lease * interval '1 millisecond' ELSE now() END,
                    CASE WHEN l.leased THEN worker END,
                    CASE WHEN l.leased THEN now() END
             FROM leasing AS l
@@ -168,7 +169,7 @@ BEGIN
     END IF;
 
     IF cardinality(subscription_ids) > 0 THEN
-        RETURN QUERY SELECT * FROM public.outbox_claim(subscription_ids, caps_left, lease_ms, worker);
+        RETURN QUERY SELECT * FROM public.outbox_claim(subscription_ids, caps_left, leases_ms, worker);
     END IF;
     RETURN QUERY SELECT NULL::bigint, NULL::bigint, NULL::integer, n_fanned, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text;
 END

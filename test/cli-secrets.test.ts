@@ -6,8 +6,9 @@ import { join } from 'node:path';
 import t from 'tap';
 import { runCli, type CliResult } from './helpers/cli.js';
 import { SECRET_SPECS, weaknessOf } from '../src/config/secrets.js';
+import { parseKeyring } from '../src/subscriptions/secretCipher.js';
 
-const NAMES = ['JWT_SECRET', 'REFRESH_TOKEN_SECRET', 'TENANT_HASH_SALT', 'TENANT_ENTROPY_SOURCE'];
+const NAMES = ['JWT_SECRET', 'REFRESH_TOKEN_SECRET', 'TENANT_HASH_SALT', 'TENANT_ENTROPY_SOURCE', 'OUTBOX_ENCRYPTION_KEYS'];
 
 /** NAME=value lines of an env text (comments and blank lines skipped). */
 function assignments(text: string): Array<[string, string]> {
@@ -34,7 +35,7 @@ async function freshSecrets(): Promise<Record<string, string>> {
   return JSON.parse(res.stdout) as Record<string, string>;
 }
 
-t.test('generate-secrets prints four NAME=value lines of strong, fresh secrets', async (t) => {
+t.test('generate-secrets prints five NAME=value lines of strong, fresh secrets', async (t) => {
   const [a, b] = await Promise.all([runCli(['generate-secrets']), runCli(['generate-secrets'])]);
   t.equal(a.code, 0, a.stderr);
   t.equal(a.stderr, '', 'nothing on stderr');
@@ -44,22 +45,23 @@ t.test('generate-secrets prints four NAME=value lines of strong, fresh secrets',
     NAMES,
   );
   for (const [name, value] of lines) {
-    const spec = SECRET_SPECS.find((s) => s.env === name)!;
-    t.equal(weaknessOf(spec, value), undefined, `${name} is strong`);
+    const spec = SECRET_SPECS.find((s) => s.env === name);
+    if (spec) t.equal(weaknessOf(spec, value), undefined, `${name} is strong`);
+    else t.equal(parseKeyring(value).keys.size, 1, `${name} is one well-formed 32-byte key`);
   }
-  t.ok(a.stdout.split('\n').every((l) => l === '' || l.startsWith('#') || /^[A-Z_]+=\S+$/.test(l)), 'only comments besides the four lines');
+  t.ok(a.stdout.split('\n').every((l) => l === '' || l.startsWith('#') || /^[A-Z_]+=\S+$/.test(l)), 'only comments besides the five lines');
   const other = new Map(assignments(b.stdout));
   for (const [name, value] of lines) t.not(other.get(name), value, `${name} differs between runs`);
 });
 
-t.test('generate-secrets --json is exactly one JSON object with the four names', async (t) => {
+t.test('generate-secrets --json is exactly one JSON object with the five names', async (t) => {
   const res = await runCli(['generate-secrets', '--json']);
   t.equal(res.code, 0, res.stderr);
   t.equal(res.stderr, '');
   const doc = JSON.parse(res.stdout) as Record<string, unknown>;
   t.same(Object.keys(doc), NAMES);
   for (const name of NAMES) t.type(doc[name], 'string');
-  t.equal(new Set(Object.values(doc)).size, 4, 'four distinct values');
+  t.equal(new Set(Object.values(doc)).size, 5, 'five distinct values');
 });
 
 t.test('generate-secrets --write-file PATH: mode 0600, refuses to overwrite, --force overwrites', async (t) => {
@@ -127,12 +129,12 @@ t.test('generate-secrets --write-file with no path writes .env.production in the
   t.same(JSON.parse(json.stdout), { written: 'other.env', names: NAMES }, 'one JSON document, no values');
 });
 
-t.test('validate-env in production with nothing set: exit 78, all four missing at once', async (t) => {
+t.test('validate-env in production with nothing set: exit 78, all five missing at once', async (t) => {
   const res = await runCli(['validate-env'], { NODE_ENV: 'production' });
   t.equal(res.code, 78);
   for (const name of NAMES) t.match(res.stdout, new RegExp(`${name} is missing`));
   t.ok(oneLine(res), `one line on stderr: ${JSON.stringify(res.stderr)}`);
-  t.match(res.stderr, /4 configuration problems/);
+  t.match(res.stderr, /5 configuration problems/);
   t.notMatch(res.stderr, /^\s+at /m, 'no stack trace');
 });
 
@@ -146,7 +148,7 @@ t.test('validate-env in production with weak secrets lists each, never its value
   for (const json of [false, true]) {
     const res = await runCli(['validate-env', ...(json ? ['--json'] : [])], { NODE_ENV: 'production', ...weak });
     t.equal(res.code, 78, res.stderr);
-    for (const name of NAMES) t.match(res.stdout, name, `${name} is listed`);
+    for (const name of NAMES) t.match(res.stdout, name, `${name} is listed (weak, or missing)`);
     for (const [name, value] of Object.entries(weak)) {
       t.notMatch(res.stdout + res.stderr, value, `${name}'s value is not printed`);
     }
@@ -155,7 +157,7 @@ t.test('validate-env in production with weak secrets lists each, never its value
       const doc = JSON.parse(res.stdout) as { valid: boolean; env: string; problems: string[] };
       t.equal(doc.valid, false);
       t.equal(doc.env, 'production');
-      t.equal(doc.problems.length, 4);
+      t.equal(doc.problems.length, 5, 'four weak, and the encryption key missing');
     }
   }
 });
@@ -197,7 +199,7 @@ t.test('validate-env --json prints exactly one JSON document', async (t) => {
   t.equal(bad.code, 78);
   const doc = JSON.parse(bad.stdout) as { valid: boolean; problems: string[] };
   t.equal(doc.valid, false);
-  t.equal(doc.problems.length, 4);
+  t.equal(doc.problems.length, 5);
   t.ok(oneLine(bad), 'the error line goes to stderr, not into the JSON');
 
   const config = await runCli(['validate-env', '--json'], { NODE_ENV: 'production', DB_PORT: 'abc', ENABLE_OUTBOX_PROCESSING: 'maybe' });

@@ -53,7 +53,7 @@ t.test('defaults', async (t) => {
       applicationName: 'outbox-relay',
     },
   );
-  t.same({ ...c.secrets }, { jwtSecret: '', refreshTokenSecret: '', tenantHashSalt: '', tenantEntropySource: '' });
+  t.same({ ...c.secrets }, { jwtSecret: '', refreshTokenSecret: '', tenantHashSalt: '', tenantEntropySource: '', encryptionKeys: '' });
   t.equal(c.relay.enabled, true);
   t.equal(c.relay.notifyMode, 'idle');
   t.equal(c.relay.workerId, `${hostname()}:${process.pid}`, 'worker id defaults to hostname:pid');

@@ -27,10 +27,14 @@ function strongEnv(extra: Env = {}): Env {
   return { ...STRONG, ...extra };
 }
 
-t.test('the four secrets, in env-file order', async (t) => {
+t.test('the four strength-checked secrets, in env-file order; the encryption key comes last', async (t) => {
   t.same(
     SECRET_SPECS.map((s) => s.env),
     NAMES,
+  );
+  t.same(
+    generateSecrets().map((s) => s.env),
+    [...NAMES, 'OUTBOX_ENCRYPTION_KEYS'],
   );
 });
 
@@ -166,11 +170,13 @@ t.test('generateSecrets: always strong, always fresh', async (t) => {
   const seen = new Set<string>();
   const runs = 300;
   let weak = 0;
+  const names = [...NAMES, 'OUTBOX_ENCRYPTION_KEYS'];
   for (let i = 0; i < runs; i++) {
     const out = generateSecrets();
-    if (out.map((s) => s.env).join() !== NAMES.join()) t.fail(`run ${i}: names ${out.map((s) => s.env).join()}`);
+    if (out.map((s) => s.env).join() !== names.join()) t.fail(`run ${i}: names ${out.map((s) => s.env).join()}`);
     for (const s of out) {
-      const w = weaknessOf(spec(s.env), s.value);
+      // The encryption key is checked by its format (loadConfig below refuses a malformed one).
+      const w = s.env === 'OUTBOX_ENCRYPTION_KEYS' ? undefined : weaknessOf(spec(s.env), s.value);
       if (w) {
         weak++;
         t.fail(`run ${i}: ${w}`);
@@ -179,12 +185,12 @@ t.test('generateSecrets: always strong, always fresh', async (t) => {
       seen.add(s.value);
     }
     const config = loadConfig({ env: { NODE_ENV: 'production', ...Object.fromEntries(out.map((s) => [s.env, s.value])) } });
-    const problems = secretProblems(config, ALL_KEYS);
+    const problems = secretProblems(config, [...ALL_KEYS, 'encryptionKeys']);
     if (problems.length) t.fail(`run ${i}: ${problems.join('; ')}`);
   }
   t.equal(weak, 0, `${runs * 4} generated secrets, none weak`);
-  t.equal(seen.size, runs * 4, 'every value is distinct (within and across runs)');
+  t.equal(seen.size, runs * 5, 'every value is distinct (within and across runs)');
   const one = generateSecrets();
-  t.equal(new Set(one.map((s) => s.value)).size, 4);
-  t.ok(one.every((s) => s.value.length >= spec(s.env).minLength));
+  t.equal(new Set(one.map((s) => s.value)).size, 5);
+  t.ok(one.filter((s) => s.env !== 'OUTBOX_ENCRYPTION_KEYS').every((s) => s.value.length >= spec(s.env).minLength));
 });

@@ -1,7 +1,7 @@
 /** `generate-secrets` and `validate-env`, as in the seed's deployment workflow. */
 import { constants, openSync, renameSync, writeSync, closeSync, fsyncSync } from 'node:fs';
 import type { Command } from 'commander';
-import { generateSecrets, secretProblems, SECRET_SPECS } from '../config/secrets.js';
+import { ALL_SECRET_KEYS, ENCRYPTION_KEYS_ENV, generateSecrets, secretProblems, SECRET_SPECS } from '../config/secrets.js';
 import { loadConfig } from '../config/load.js';
 import { ConfigError, OutboxError } from '../errors.js';
 import type { CommandContext } from './context.js';
@@ -43,7 +43,7 @@ function writeSecretFile(path: string, text: string, force: boolean): void {
 export function registerSecretCommands(program: Command, ctx: () => CommandContext): void {
   program
     .command('generate-secrets')
-    .description('print fresh secrets (JWT_SECRET, REFRESH_TOKEN_SECRET, TENANT_HASH_SALT, TENANT_ENTROPY_SOURCE), or write them to an env file')
+    .description('print fresh secrets (JWT_SECRET, REFRESH_TOKEN_SECRET, TENANT_HASH_SALT, TENANT_ENTROPY_SOURCE, OUTBOX_ENCRYPTION_KEYS), or write them to an env file')
     .option('--write-file [path]', 'write an env file with mode 0600 (default path: .env.production)')
     .option('--force', 'overwrite an existing file')
     .option('--json', 'print the secrets as one JSON object')
@@ -70,10 +70,11 @@ export function registerSecretCommands(program: Command, ctx: () => CommandConte
       try {
         const config = loadConfig({ configFile: c.globals.config, env: c.io.env });
         env = config.env;
-        const required = config.env === 'production' ? SECRET_SPECS.map((s) => s.key) : [];
+        const required = config.env === 'production' ? ALL_SECRET_KEYS : [];
         problems = secretProblems(config, required);
         if (config.env !== 'production') {
           const missing = SECRET_SPECS.filter((s) => !config.secrets[s.key]).map((s) => s.env);
+          if (!config.secrets.encryptionKeys) missing.push(ENCRYPTION_KEYS_ENV);
           if (missing.length) c.warn(`not set (required in production): ${missing.join(', ')}`);
         }
       } catch (err) {

@@ -3,7 +3,7 @@
  * Pure functions: they never print or log a secret's value.
  */
 import { randomBytes } from 'node:crypto';
-import { generateKeyEntry, parseKeyring } from '../subscriptions/secretCipher.js';
+import { generateKeyEntry } from '../subscriptions/secretCipher.js';
 import type { Config } from './schema.js';
 
 /** A secret this tool knows: where it lives in the config, its env name and its minimum strength. */
@@ -15,8 +15,6 @@ export interface SecretSpec {
   /** Minimum estimated entropy in bits. */
   minBits: number;
   generate: () => string;
-  /** A format check that replaces the length and entropy rules (for structured values). */
-  check?: (value: string) => string | undefined;
 }
 
 export const SECRET_SPECS: readonly SecretSpec[] = [
@@ -24,22 +22,16 @@ export const SECRET_SPECS: readonly SecretSpec[] = [
   { key: 'refreshTokenSecret', env: 'REFRESH_TOKEN_SECRET', minLength: 32, minBits: 128, generate: () => randomBytes(32).toString('hex') },
   { key: 'tenantHashSalt', env: 'TENANT_HASH_SALT', minLength: 16, minBits: 96, generate: () => randomBytes(32).toString('base64') },
   { key: 'tenantEntropySource', env: 'TENANT_ENTROPY_SOURCE', minLength: 16, minBits: 64, generate: () => randomBytes(24).toString('base64url') },
-  {
-    key: 'encryptionKeys',
-    env: 'OUTBOX_ENCRYPTION_KEYS',
-    minLength: 0,
-    minBits: 0,
-    generate: () => generateKeyEntry(),
-    check: (value) => {
-      try {
-        parseKeyring(value);
-        return undefined;
-      } catch (err) {
-        return (err as Error).message;
-      }
-    },
-  },
 ];
+
+/**
+ * OUTBOX_ENCRYPTION_KEYS is structured (`id:base64key,…`), so it is checked by its format (loadConfig
+ * refuses a malformed one), not by the length and entropy rules of the secrets above.
+ */
+export const ENCRYPTION_KEYS_ENV = 'OUTBOX_ENCRYPTION_KEYS';
+
+/** Every secret `validate-env` requires in production. */
+export const ALL_SECRET_KEYS: readonly (keyof Config['secrets'])[] = [...SECRET_SPECS.map((s) => s.key), 'encryptionKeys'];
 
 /** Words and shapes of values that were typed by a person or copied from an example. */
 const DEFAULT_LOOKING = [
@@ -101,7 +93,6 @@ export function estimateBits(whole: string): number {
 /** What is wrong with one secret's value, or undefined when it is strong enough. */
 export function weaknessOf(spec: SecretSpec, value: string): string | undefined {
   if (value.length === 0) return `${spec.env} is missing`;
-  if (spec.check) return spec.check(value);
   if (value.length < spec.minLength) return `${spec.env} is too short (${value.length} characters; at least ${spec.minLength})`;
   if (DEFAULT_LOOKING.some((re) => re.test(value))) return `${spec.env} looks like a default or example value`;
   const bits = estimateBits(value);
@@ -126,6 +117,9 @@ export function secretProblems(config: Config, required: readonly (keyof Config[
       if (weak) problems.push(weak);
     }
   }
+  if (!config.secrets.encryptionKeys && required.includes('encryptionKeys')) {
+    problems.push(`${ENCRYPTION_KEYS_ENV} is missing (set it, or ${ENCRYPTION_KEYS_ENV}_FILE; \`outbox-relay generate-secrets\` makes one)`);
+  }
   if (config.env === 'production' && config.secrets.jwtSecret && config.secrets.jwtSecret === config.secrets.refreshTokenSecret) {
     problems.push('JWT_SECRET and REFRESH_TOKEN_SECRET must differ');
   }
@@ -134,10 +128,11 @@ export function secretProblems(config: Config, required: readonly (keyof Config[
 
 /** Fresh values for every secret, in env-file order; each passes {@link weaknessOf}. */
 export function generateSecrets(): Array<{ env: string; value: string }> {
-  return SECRET_SPECS.map((spec) => {
+  const strong = SECRET_SPECS.map((spec) => {
     // Random output can, very rarely, contain a pattern the checks refuse (e.g. "123456"): draw again.
     let value = spec.generate();
     while (weaknessOf(spec, value)) value = spec.generate();
     return { env: spec.env, value };
   });
+  return [...strong, { env: ENCRYPTION_KEYS_ENV, value: generateKeyEntry() }];
 }

@@ -30,7 +30,7 @@ export const WAKEUP_CHANNEL = 'outbox_wakeup';
  * One round trip: fans out a batch of new events (leasing fresh deliveries within our capacity) and
  * claims due deliveries with the capacity left; the last row is a summary (see sql/005).
  */
-const POLL = 'SELECT * FROM public.outbox_poll($1, $2::bigint[], $3::int[], $4, $5)';
+const POLL = 'SELECT * FROM public.outbox_poll($1, $2::bigint[], $3::int[], $4::int[], $5)';
 /** When the next ready delivery of these subscriptions falls due. */
 const NEXT_DUE = 'SELECT extract(epoch FROM public.outbox_next_due($1::bigint[])) * 1000 AS at';
 /** Gives back leases that were never used. */
@@ -301,7 +301,8 @@ export class Relay extends EventEmitter<RelayEvents> {
       if (ids.length === 0 && !this.fanoutWanted) return progress;
       this.fanoutWanted = false;
       const t0 = performance.now();
-      const { rows } = await this.pool.query<ClaimedRow>(POLL, [batch, ids, caps, this.config.relay.leaseMs, this.config.relay.workerId]);
+      const leases = ids.map((id) => this.leaseFor(id));
+      const { rows } = await this.pool.query<ClaimedRow>(POLL, [batch, ids, caps, leases, this.config.relay.workerId]);
       const ms = performance.now() - t0;
       const summary = rows.pop();
       const fanned = summary?.max_attempts ?? 0;
@@ -366,6 +367,18 @@ export class Relay extends EventEmitter<RelayEvents> {
       }
     }
     return { ids, caps };
+  }
+
+  /**
+   * How long a claim of this subscription must hold. A claimed delivery may wait in the prefetch
+   * queue until a slot frees (up to one request timeout of those in flight), then take its own
+   * timeout; a lease that ended earlier would let this or another relay claim it again while it is
+   * being sent (a duplicate, and with a receiver slower than the lease, forever: every outcome fenced
+   * off as stale). So: twice the subscription's timeout plus a margin, never less than RELAY_LEASE_MS.
+   */
+  private leaseFor(subscriptionId: number): number {
+    const timeout = this.subs.get(subscriptionId)?.sub.timeoutMs ?? 0;
+    return Math.max(this.config.relay.leaseMs, 2 * timeout + 1_000);
   }
 
   /** Starts queued deliveries while the subscription has free slots and its circuit lets them through. */

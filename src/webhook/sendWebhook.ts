@@ -124,8 +124,18 @@ export class WebhookSender {
       return { ok: false, durationMs: 0, error: { code: 'blocked_address', message: new BlockedAddressError(host, host).message } };
     }
     const timestamp = Math.floor(Date.now() / 1000);
-    const deadline = AbortSignal.timeout(req.timeoutMs);
-    const signal = req.signal ? AbortSignal.any([deadline, req.signal]) : deadline;
+    // One controller and one timer per attempt: the whole request (connect, headers, capped body)
+    // must end within timeoutMs, and the relay's shutdown signal aborts it too. (AbortSignal.timeout
+    // with AbortSignal.any costs several times more per request; it showed in profiles.)
+    const controller = new AbortController();
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      controller.abort();
+    }, req.timeoutMs);
+    const onShutdown = (): void => controller.abort();
+    req.signal?.addEventListener('abort', onShutdown, { once: true });
+    const signal = controller.signal;
     try {
       const res = await this.agent.request({
         origin: req.url.origin,
@@ -160,7 +170,10 @@ export class WebhookSender {
           : { code: 'http_status', message: `HTTP ${status}${detail ? `: ${detail}` : ''}` },
       };
     } catch (err) {
-      return { ok: false, durationMs: elapsed(), error: classify(err, deadline.aborted, req.signal?.aborted ?? false) };
+      return { ok: false, durationMs: elapsed(), error: classify(err, timedOut, req.signal?.aborted ?? false) };
+    } finally {
+      clearTimeout(timer);
+      req.signal?.removeEventListener('abort', onShutdown);
     }
   }
 

@@ -1,0 +1,346 @@
+/**
+ * The relay engine, end to end against real PostgreSQL and real local HTTP receivers that verify
+ * every request with the `standardwebhooks` library: signed delivery to the event's own tenant only,
+ * the body and headers of the contract, acknowledgments as the subscription's user (never over a
+ * pull acknowledgment), the roll-up, filters, unmatched events, late subscriptions and replay of
+ * history, and secret rotation.
+ */
+import { once } from 'node:events';
+import t from 'tap';
+import { runCli } from './helpers/cli.js';
+import { freshDatabase, type TestDatabase } from './helpers/db.js';
+import { answer, startReceiver, verifyWith, type ReceivedRequest } from './helpers/receiver.js';
+import { byWebhookId, count, createTenant, expectedWebhookId, startRelay, subscribe, tenantName, waitFor, writeAll } from './helpers/relay.js';
+
+const BODY_KEYS = ['id', 'tenant', 'event_type', 'aggregate_id', 'aggregate_type', 'payload', 'created_at'];
+
+interface EventRow {
+  id: string;
+  tenant: string;
+  event_type: string;
+  aggregate_id: string;
+  aggregate_type: string;
+  payload: unknown;
+  created_at: string;
+  attempts: number;
+  max_attempts: number;
+  processed_at: Date | null;
+  status: string;
+}
+
+async function events(db: TestDatabase, tenant: string): Promise<EventRow[]> {
+  const { rows } = await db.query<EventRow>(
+    `SELECT id::text, tenant, event_type, aggregate_id, aggregate_type, payload,
+            to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS created_at,
+            attempts, max_attempts, processed_at, status
+     FROM public.outbox_events WHERE tenant = $1 ORDER BY outbox_events.id`,
+    [tenant],
+  );
+  return rows;
+}
+
+interface AckRow {
+  event_id: string;
+  user_id: number;
+  tenant: string;
+  processor: string;
+  status: string;
+  source: string;
+  metadata: Record<string, unknown> | null;
+}
+
+async function acks(db: TestDatabase, where = 'true', params: unknown[] = []): Promise<AckRow[]> {
+  const { rows } = await db.query<AckRow>(
+    `SELECT event_id::text, user_id, tenant, processor, status::text, source, metadata
+     FROM public.event_acknowledgments WHERE ${where} ORDER BY event_acknowledgments.event_id, user_id`,
+    params,
+  );
+  return rows;
+}
+
+const unprocessed = (db: TestDatabase) => count(db, 'SELECT count(*)::int AS n FROM public.outbox_events WHERE processed_at IS NULL');
+
+/** Delivered webhook-ids of a receiver, as a sorted list. */
+const deliveredIds = (reqs: Map<string, ReceivedRequest>) => [...reqs.keys()].sort();
+
+t.test('every event is signed and delivered to its own tenant\'s subscribers only, acknowledged as the subscription\'s user', async (t) => {
+  const db = await freshDatabase(t);
+  const A = tenantName('ta');
+  const B = tenantName('tb');
+  await createTenant(db, A);
+  await createTenant(db, B);
+  const recvA = await startReceiver(t);
+  const recvB = await startReceiver(t);
+  const subA = await subscribe(db, { tenant: A, userId: 11, url: recvA.url('/a') });
+  const subB = await subscribe(db, { tenant: B, userId: 22, url: recvB.url('/b'), processor: 'other.example' });
+  recvA.secrets.push(subA.secret);
+  recvB.secrets.push(subB.secret);
+  await startRelay(t, db.url);
+
+  const statements: string[] = [];
+  for (let i = 1; i <= 20; i++) statements.push(`INSERT INTO ${A}.vendors (id, name) VALUES (${i}, 'vendor ${i}')`);
+  for (let i = 1; i <= 5; i++) statements.push(`UPDATE ${A}.vendors SET name = 'renamed ${i}' WHERE id = ${i}`);
+  statements.push(`INSERT INTO ${A}.projects (id, title) SELECT g, 'p' || g FROM generate_series(1, 5) g`);
+  statements.push(`DELETE FROM ${A}.vendors WHERE id = 20`);
+  for (let i = 1; i <= 10; i++) statements.push(`INSERT INTO ${B}.vendors (id, name) VALUES (${i}, 'b vendor ${i}')`);
+  statements.push(`UPDATE ${B}.vendors SET name = name || '!' WHERE id <= 3`);
+  await writeAll(db, statements);
+
+  const evA = await events(db, A);
+  const evB = await events(db, B);
+  t.equal(evA.length, 31, 'tenant A captured 31 events');
+  t.equal(evB.length, 13, 'tenant B captured 13 events');
+
+  await waitFor(async () => recvA.delivered.size >= evA.length && recvB.delivered.size >= evB.length && (await unprocessed(db)) === 0, 20_000,
+    'every event delivered and processed', () => ({ a: recvA.delivered.size, b: recvB.delivered.size }));
+
+  t.same(deliveredIds(recvA.delivered), evA.map((e) => expectedWebhookId(e.id, subA.id)).sort(), 'A received exactly its own events, one webhook-id each');
+  t.same(deliveredIds(recvB.delivered), evB.map((e) => expectedWebhookId(e.id, subB.id)).sort(), 'B received exactly its own events, one webhook-id each');
+  t.equal(recvA.requests.length, evA.length, 'no retries or duplicates for A');
+  t.equal(recvB.requests.length, evB.length, 'no retries or duplicates for B');
+
+  const byId = new Map([...evA, ...evB].map((e) => [e.id, e]));
+  for (const [recv, tenant, sub, other] of [[recvA, A, subA, subB], [recvB, B, subB, subA]] as const) {
+    let ok = 0;
+    for (const r of recv.requests) {
+      const body = JSON.parse(r.body) as Record<string, unknown>;
+      const ev = byId.get(String(body.id));
+      const problems: string[] = [];
+      if (r.method !== 'POST') problems.push(`method ${r.method}`);
+      if (!r.contentType.startsWith('application/json')) problems.push(`content-type ${r.contentType}`);
+      if (!/^outbox-relay\/\d+\.\d+\.\d+/.test(r.userAgent)) problems.push(`user-agent ${r.userAgent}`);
+      if (r.verifiedBy.length !== 1 || r.verifiedBy[0] !== sub.secret) problems.push('not verified with the subscription\'s secret');
+      if (verifyWith([other.secret], r.body, r.headers).length !== 0) problems.push('verifies with another subscription\'s secret');
+      if (r.signature.split(' ').length !== 1 || !r.signature.startsWith('v1,')) problems.push(`signature ${r.signature}`);
+      if (Math.abs(r.timestamp - Date.now() / 1000) > 60) problems.push(`timestamp ${r.timestamp}`);
+      if (JSON.stringify(Object.keys(body)) !== JSON.stringify(BODY_KEYS)) problems.push(`body keys ${Object.keys(body).join(',')}`);
+      if ('status' in body) problems.push('body has a status');
+      if (!ev) problems.push(`unknown event ${String(body.id)}`);
+      else {
+        if (ev.tenant !== tenant || body.tenant !== tenant) problems.push(`tenant ${String(body.tenant)}`);
+        if (r.webhookId !== expectedWebhookId(ev.id, sub.id)) problems.push(`webhook-id ${r.webhookId}`);
+        for (const k of ['id', 'tenant', 'event_type', 'aggregate_id', 'aggregate_type', 'created_at'] as const) {
+          if (body[k] !== ev[k]) problems.push(`${k}: ${JSON.stringify(body[k])} != ${JSON.stringify(ev[k])}`);
+        }
+        if (JSON.stringify(body.payload) !== JSON.stringify(ev.payload)) problems.push('payload differs from the stored one');
+      }
+      if (problems.length === 0) ok++;
+      else t.fail(`request ${r.webhookId} to ${tenant}`, { problems });
+    }
+    t.equal(ok, recv.requests.length, `every request to ${tenant}: POST, JSON, signed with its own secret only, contract body and headers`);
+  }
+
+  // Roll-up: processed, one attempt each.
+  const after = [...(await events(db, A)), ...(await events(db, B))];
+  t.same(
+    after.filter((e) => !(e.processed_at && e.attempts === 1 && e.status === 'processed' && e.max_attempts === 5)).map((e) => e.id),
+    [],
+    'every event rolled up: processed_at set, attempts 1 of max_attempts 5, status processed',
+  );
+  t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.outbox_deliveries'), 0, 'the delivery queue is empty (delivered rows are removed)');
+
+  // Acknowledgments, as each subscription's user, in its own tenant only.
+  const all = await acks(db);
+  t.equal(all.length, evA.length + evB.length, 'one acknowledgment per event');
+  const bad = all.filter((a) => {
+    const ev = byId.get(a.event_id);
+    const sub = ev?.tenant === A ? subA : subB;
+    const user = ev?.tenant === A ? 11 : 22;
+    const processor = ev?.tenant === A ? 'flowgram.ai' : 'other.example';
+    const m = a.metadata ?? {};
+    return !(
+      ev &&
+      a.user_id === user &&
+      a.tenant === ev.tenant &&
+      a.processor === processor &&
+      a.status === 'processed' &&
+      a.source === 'relay' &&
+      m.subscription_id === sub.id &&
+      m.http_status === 200 &&
+      m.attempts === 1 &&
+      typeof m.duration_ms === 'number' &&
+      m.duration_ms >= 0
+    );
+  });
+  t.same(bad, [], 'acks: the subscription\'s user, tenant and processor; processed; source relay; metadata subscription_id, http_status, attempts, duration_ms');
+});
+
+t.test('webhook-id is stable across retries and replays; timestamp and signature are fresh per attempt', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('tr');
+  await createTenant(db, T);
+  const recv = await startReceiver(t);
+  const sub = await subscribe(db, { tenant: T, userId: 5, url: recv.url() });
+  recv.secrets.push(sub.secret);
+  // First attempt: 429 with Retry-After: 1, so the retry comes in a later second.
+  recv.respond = (r, res) => {
+    if (!r.verified) return answer(res, 401);
+    if (r.attempt === 1) return answer(res, 429, 'slow down', { 'retry-after': '1' });
+    answer(res, 200);
+  };
+  await startRelay(t, db.url);
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) VALUES (1, 'only')`]);
+  const [ev] = await events(db, T);
+  await waitFor(async () => recv.delivered.size === 1 && (await unprocessed(db)) === 0, 15_000, 'the retry to succeed');
+  t.equal(recv.requests.length, 2, 'one failed attempt, one success');
+  const [first, second] = recv.requests as [ReceivedRequest, ReceivedRequest];
+  t.equal(first.webhookId, expectedWebhookId(ev!.id, sub.id), 'webhook-id of the event and subscription');
+  t.equal(second.webhookId, first.webhookId, 'the retry has the same webhook-id');
+  t.equal(second.body, first.body, 'the retry has the same body, byte for byte');
+  t.ok(second.timestamp > first.timestamp, `the retry has a fresh webhook-timestamp (${first.timestamp} -> ${second.timestamp})`);
+  t.not(second.signature, first.signature, 'and so a fresh signature');
+  t.ok(first.verified && second.verified, 'both verify with standardwebhooks');
+
+  const res = await runCli(['replay', '--delivered', '--subscription', String(sub.id)], { DATABASE_URL: db.url });
+  t.equal(res.code, 0, res.stderr);
+  t.match(res.stdout, /^1 deliveries queued/m, 'replay prints how many it queued');
+  await waitFor(() => recv.requests.length === 3 && recv.requests[2]?.answered === true, 15_000, 'the replayed delivery');
+  const third = recv.requests[2] as ReceivedRequest;
+  t.equal(third.webhookId, first.webhookId, 'a replay of the same event to the same subscription keeps the webhook-id');
+  t.equal(third.body, first.body, 'and the body');
+  t.ok(third.verified, 'and verifies');
+  t.ok(third.timestamp >= second.timestamp, 'with a timestamp of its own attempt');
+  await waitFor(async () => (await unprocessed(db)) === 0, 10_000, 'the replay to be recorded');
+});
+
+t.test('the relay never overwrites an acknowledgment the user made by pull', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('tp');
+  await createTenant(db, T);
+  const recv = await startReceiver(t);
+  const sub = await subscribe(db, { tenant: T, userId: 7, url: recv.url() });
+  recv.secrets.push(sub.secret);
+  // The user acknowledged event 1 by pull in the same transaction that created it (before any delivery).
+  await writeAll(db, [
+    `BEGIN;
+     INSERT INTO ${T}.vendors (id, name) VALUES (1, 'pulled');
+     INSERT INTO public.event_acknowledgments (event_id, user_id, tenant, processor, status, metadata, source)
+       SELECT max(id), 7, '${T}', 'puller', 'in_progress', '{"by":"pull"}', 'pull' FROM public.outbox_events WHERE tenant = '${T}';
+     COMMIT`,
+    `INSERT INTO ${T}.vendors (id, name) VALUES (2, 'pushed')`,
+  ]);
+  await startRelay(t, db.url);
+  const evs = await events(db, T);
+  await waitFor(async () => recv.delivered.size === 2 && (await unprocessed(db)) === 0, 15_000, 'both events delivered');
+  const [pulled, pushed] = await acks(db);
+  t.match(pulled, { event_id: evs[0]!.id, user_id: 7, processor: 'puller', status: 'in_progress', source: 'pull', metadata: { by: 'pull' } }, 'the pull acknowledgment is untouched');
+  t.match(pushed, { event_id: evs[1]!.id, user_id: 7, status: 'processed', source: 'relay' }, 'the other event is acknowledged by the relay');
+  const rolled = await events(db, T);
+  t.ok(rolled.every((e) => e.status === 'processed'), 'both events still roll up as processed');
+});
+
+t.test('event filters, events no subscription matches, and subscriptions added later', async (t) => {
+  const db = await freshDatabase(t);
+  const F = tenantName('tf');
+  const N = tenantName('tn'); // no subscriptions at all
+  await createTenant(db, F);
+  await createTenant(db, N);
+  const recvV = await startReceiver(t);
+  const recvP = await startReceiver(t);
+  const recvAll = await startReceiver(t);
+  const subV = await subscribe(db, { tenant: F, userId: 1, url: recvV.url(), events: 'vendors_*' });
+  const subP = await subscribe(db, { tenant: F, userId: 2, url: recvP.url(), events: 'projects_update' });
+  const subAll = await subscribe(db, { tenant: F, userId: 3, url: recvAll.url() });
+  recvV.secrets.push(subV.secret);
+  recvP.secrets.push(subP.secret);
+  recvAll.secrets.push(subAll.secret);
+  const relay = await startRelay(t, db.url);
+
+  await writeAll(db, [
+    `INSERT INTO ${F}.vendors (id, name) VALUES (1, 'a'), (2, 'b')`,
+    `UPDATE ${F}.vendors SET name = 'c' WHERE id = 1`,
+    `DELETE FROM ${F}.vendors WHERE id = 2`,
+    `INSERT INTO ${F}.projects (id, title) VALUES (1, 'p')`,
+    `UPDATE ${F}.projects SET title = 'q' WHERE id = 1`,
+    `UPDATE ${F}.projects SET title = 'r' WHERE id = 1`,
+    `INSERT INTO ${N}.vendors (id, name) VALUES (1, 'nobody listens')`,
+  ]);
+  const evF = await events(db, F);
+  t.equal(evF.length, 7);
+  await waitFor(async () => recvAll.delivered.size === evF.length && (await unprocessed(db)) === 0, 15_000, 'all of tenant F delivered');
+  const idsOf = (pred: (e: EventRow) => boolean, subId: number) => evF.filter(pred).map((e) => expectedWebhookId(e.id, subId)).sort();
+  t.same(deliveredIds(recvV.delivered), idsOf((e) => e.event_type.startsWith('vendors_'), subV.id), '"vendors_*" gets vendors_insert, _update and _delete only');
+  t.same(deliveredIds(recvP.delivered), idsOf((e) => e.event_type === 'projects_update', subP.id), '"projects_update" gets exactly that type');
+  t.same(deliveredIds(recvAll.delivered), idsOf(() => true, subAll.id), 'no filter: everything');
+  t.equal(recvV.requests.length + recvP.requests.length + recvAll.requests.length, 4 + 2 + 7, 'nothing else was sent');
+  t.equal((await acks(db, 'user_id = 2')).length, 2, 'user 2 acknowledged only the events it received');
+
+  // An event nothing matches is processed at once: at fan-out, with no attempt and no delivery.
+  const [lonely] = await events(db, N);
+  t.ok(lonely?.processed_at, 'the unmatched event is processed');
+  t.equal(lonely?.attempts, 0, 'without any attempt');
+  t.equal(lonely?.status, 'processed');
+  t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.outbox_deliveries WHERE event_id = $1', [lonely?.id]), 0, 'no delivery was made for it');
+  t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.outbox_fanout_queue'), 0, 'it left the fan-out queue');
+  t.equal((await acks(db, 'event_id = $1', [lonely?.id])).length, 0, 'and nobody acknowledged it');
+
+  // A subscription added later receives only what happens after it was added.
+  const recvLate = await startReceiver(t);
+  const refreshed = once(relay.relay, 'subscriptions');
+  const add = await runCli(['subscriptions', 'add', '--tenant', F, '--user', '4', '--url', recvLate.url('/late'), '--json'], { DATABASE_URL: db.url, WEBHOOK_ALLOW_PRIVATE_TARGETS: 'true' });
+  t.equal(add.code, 0, add.stderr);
+  const late = JSON.parse(add.stdout) as { id: number; secret: string };
+  t.match(late.secret, /^whsec_/, 'add --json prints the id and the secret');
+  recvLate.secrets.push(late.secret);
+  await refreshed;
+  await writeAll(db, [`INSERT INTO ${F}.vendors (id, name) VALUES (3, 'after')`, `UPDATE ${F}.projects SET title = 's' WHERE id = 1`]);
+  const newer = (await events(db, F)).slice(evF.length);
+  t.equal(newer.length, 2);
+  await waitFor(async () => recvLate.delivered.size === 2 && (await unprocessed(db)) === 0, 15_000, 'the late subscription to receive the new events');
+  t.same(deliveredIds(recvLate.delivered), newer.map((e) => expectedWebhookId(e.id, late.id)).sort(), 'the late subscription got only events after it was added');
+
+  // History up to the moment the subscription was created (--until is exclusive; ms precision).
+  const { rows: created } = await db.query<{ ms: string }>('SELECT (extract(epoch FROM created_at) * 1000)::bigint::text AS ms FROM public.outbox_subscriptions WHERE id = $1', [late.id]);
+  const until = new Date(Number(created[0]?.ms) + 1).toISOString();
+  const res = await runCli(['replay', '--delivered', '--subscription', String(late.id), '--until', until], { DATABASE_URL: db.url });
+  t.equal(res.code, 0, res.stderr);
+  t.match(res.stdout, new RegExp(`^${evF.length} deliveries queued`, 'm'), 'replay --delivered --until queues the history it missed, and says how many');
+  await waitFor(async () => recvLate.delivered.size === evF.length + 2 && (await unprocessed(db)) === 0, 15_000, 'history to arrive');
+  t.same(deliveredIds(recvLate.delivered), [...evF, ...newer].map((e) => expectedWebhookId(e.id, late.id)).sort(), 'now it has everything');
+  t.equal(recvLate.requests.length, evF.length + 2, 'each event once');
+  t.ok(recvLate.requests.every((r) => r.verified), 'all verified');
+  t.equal(recvAll.requests.length, evF.length + 2, 'the other subscriptions got no replays');
+});
+
+t.test('secret rotation: during the grace period both secrets sign; afterwards only the new one', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('ts');
+  await createTenant(db, T);
+  const recv = await startReceiver(t);
+  const sub = await subscribe(db, { tenant: T, userId: 9, url: recv.url() });
+  const oldSecret = sub.secret;
+  recv.secrets.push(oldSecret);
+  const relay = await startRelay(t, db.url);
+  const env = { DATABASE_URL: db.url };
+
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) VALUES (1, 'before')`]);
+  await waitFor(() => recv.delivered.size === 1, 15_000, 'the first event');
+  t.equal(recv.requests[0]?.signature.split(' ').length, 1, 'before rotation: one signature');
+
+  let refreshed = once(relay.relay, 'subscriptions');
+  const rot = await runCli(['subscriptions', 'rotate-secret', String(sub.id), '--grace-ms', '600000', '--json'], env);
+  t.equal(rot.code, 0, rot.stderr);
+  const newSecret = (JSON.parse(rot.stdout) as { secret: string }).secret;
+  t.not(newSecret, oldSecret);
+  recv.secrets.push(newSecret);
+  await refreshed;
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) VALUES (2, 'during')`]);
+  await waitFor(() => recv.delivered.size === 2, 15_000, 'the event sent during the grace period');
+  const during = recv.requests[1] as ReceivedRequest;
+  t.equal(during.signature.split(' ').length, 2, 'during the grace period: two signatures');
+  t.same(verifyWith([oldSecret], during.body, during.headers), [oldSecret], 'a receiver holding only the old secret verifies it');
+  t.same(verifyWith([newSecret], during.body, during.headers), [newSecret], 'a receiver holding only the new secret verifies it');
+
+  refreshed = once(relay.relay, 'subscriptions');
+  const rot2 = await runCli(['subscriptions', 'rotate-secret', String(sub.id), '--grace-ms', '0', '--json'], env);
+  t.equal(rot2.code, 0, rot2.stderr);
+  const newest = (JSON.parse(rot2.stdout) as { secret: string }).secret;
+  recv.secrets.push(newest);
+  await refreshed;
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) VALUES (3, 'after')`]);
+  await waitFor(() => recv.delivered.size === 3, 15_000, 'the event sent after the grace period');
+  const after = recv.requests[2] as ReceivedRequest;
+  t.equal(after.signature.split(' ').length, 1, 'grace period over: one signature');
+  t.same(verifyWith([oldSecret, newSecret, newest], after.body, after.headers), [newest], 'only the newest secret verifies it');
+  t.same([...byWebhookId(recv.requests).values()].map((l) => l.length), [1, 1, 1], 'each event sent once');
+});

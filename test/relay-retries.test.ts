@@ -1,0 +1,384 @@
+/**
+ * Retries and failure outcomes of the relay against real local receivers: 5xx then success,
+ * Retry-After (honoured, absurd values capped or ignored), 410 Gone, dead deliveries and `replay`,
+ * and receivers that misbehave (slow, reset, huge body, redirect); `subscriptions add` refusing bad
+ * URLs and filters.
+ */
+import { randomBytes } from 'node:crypto';
+import type http from 'node:http';
+import t from 'tap';
+import { runCli, type CliResult } from './helpers/cli.js';
+import { freshDatabase, type TestDatabase } from './helpers/db.js';
+import { answer, startReceiver, type ReceivedRequest } from './helpers/receiver.js';
+import { byWebhookId, count, createTenant, expectedWebhookId, startRelay, subscribe, tenantName, waitFor, writeAll } from './helpers/relay.js';
+
+/** No circuit breaker in these tests: every attempt must reach the receiver. */
+const NO_CIRCUIT = { CIRCUIT_FAILURE_THRESHOLD: '1000' };
+
+const unprocessed = (db: TestDatabase) => count(db, 'SELECT count(*)::int AS n FROM public.outbox_events WHERE processed_at IS NULL');
+
+async function eventIds(db: TestDatabase, tenant: string): Promise<string[]> {
+  const { rows } = await db.query<{ id: string }>('SELECT id::text FROM public.outbox_events WHERE tenant = $1 ORDER BY outbox_events.id', [tenant]);
+  return rows.map((r) => r.id);
+}
+
+/** The aggregate (vendor id) a request is about. */
+const aggregateOf = (r: ReceivedRequest) => (JSON.parse(r.body) as { aggregate_id: string }).aggregate_id;
+
+/** Streams `total` bytes as the response, honouring backpressure; stops when the client goes away. */
+function streamHuge(res: http.ServerResponse, status: number, total: number, sent: { bytes: number }): void {
+  res.writeHead(status, { 'content-type': 'application/octet-stream', 'content-length': String(total) });
+  const chunk = Buffer.alloc(64 * 1024, 0x78);
+  const pump = (): void => {
+    while (sent.bytes < total && !res.destroyed) {
+      const piece = total - sent.bytes >= chunk.length ? chunk : chunk.subarray(0, total - sent.bytes);
+      sent.bytes += piece.length;
+      if (!res.write(piece)) {
+        res.once('drain', pump);
+        return;
+      }
+    }
+    if (!res.destroyed) res.end();
+  };
+  pump();
+}
+
+/** Runs tasks with at most `limit` at a time, results in order. */
+async function inParallel<T>(tasks: Array<() => Promise<T>>, limit = 6): Promise<T[]> {
+  const out: T[] = new Array(tasks.length);
+  let next = 0;
+  await Promise.all(Array.from({ length: Math.min(limit, tasks.length) }, async () => {
+    while (next < tasks.length) {
+      const i = next++;
+      out[i] = await (tasks[i] as () => Promise<T>)();
+    }
+  }));
+  return out;
+}
+
+t.test('a 500 is retried and the event delivered once', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('t5');
+  await createTenant(db, T);
+  const recv = await startReceiver(t);
+  const sub = await subscribe(db, { tenant: T, userId: 1, url: recv.url() });
+  recv.secrets.push(sub.secret);
+  recv.respond = (r, res) => answer(res, r.attempt === 1 ? 500 : 200, r.attempt === 1 ? 'boom' : 'ok');
+  await startRelay(t, db.url, NO_CIRCUIT);
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 10) g`, `UPDATE ${T}.vendors SET name = 'x' WHERE id = 1`]);
+  const ids = await eventIds(db, T);
+  await waitFor(async () => recv.delivered.size === ids.length && (await unprocessed(db)) === 0, 20_000, 'all delivered', () => recv.delivered.size);
+  const groups = byWebhookId(recv.requests);
+  t.same([...groups.keys()].sort(), ids.map((id) => expectedWebhookId(id, sub.id)).sort(), 'every event, by its webhook-id');
+  t.ok([...groups.values()].every((l) => l.length === 2 && l[0]?.status === 500 && l[1]?.status === 200), 'each: one 500, then one 200, and nothing more');
+  t.ok(recv.requests.every((r) => r.verified), 'retries are signed too');
+  const { rows: ev } = await db.query<{ attempts: number; status: string }>('SELECT attempts, status FROM public.outbox_events WHERE tenant = $1', [T]);
+  t.ok(ev.every((e) => e.attempts === 2 && e.status === 'processed'), 'roll-up: attempts 2, processed');
+  const { rows: acks } = await db.query<{ status: string; metadata: { attempts: number; http_status: number } }>('SELECT status::text, metadata FROM public.event_acknowledgments');
+  t.equal(acks.length, ids.length);
+  t.ok(acks.every((a) => a.status === 'processed' && a.metadata.attempts === 2 && a.metadata.http_status === 200), 'acks record the attempt that succeeded');
+});
+
+t.test('Retry-After is honoured; absurd values are capped or ignored without harm', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('tra');
+  await createTenant(db, T);
+  const recv = await startReceiver(t);
+  const sub = await subscribe(db, { tenant: T, userId: 1, url: recv.url() });
+  recv.secrets.push(sub.secret);
+  const CAP = 1500;
+  // By vendor id: the Retry-After of the first answer (429), and what it must mean.
+  const cases: Record<string, { value: string; expect: 'honoured' | 'capped' | 'ignored' }> = {
+    1: { value: '1', expect: 'honoured' },
+    2: { value: '999999999', expect: 'capped' },
+    3: { value: '99999999999999999999999999', expect: 'capped' },
+    4: { value: 'Fri, 31 Dec 9999 23:59:59 GMT', expect: 'capped' },
+    5: { value: 'Thu, 01 Jan 1970 00:00:00 GMT', expect: 'ignored' }, // in the past: now
+    6: { value: 'soon', expect: 'ignored' },
+    7: { value: 'Retry 3000', expect: 'ignored' }, // junk that a lenient date parser reads as the year 3000
+    8: { value: '-5', expect: 'ignored' },
+    9: { value: '1.5', expect: 'ignored' },
+    10: { value: '\u00ff\u00fe', expect: 'ignored' },
+  };
+  recv.respond = (r, res) => {
+    const c = cases[aggregateOf(r)];
+    if (r.attempt === 1 && c) {
+      res.writeHead(429, { 'retry-after': c.value });
+      res.end('slow down');
+    } else answer(res, 200);
+  };
+  const relay = await startRelay(t, db.url, { ...NO_CIRCUIT, RETRY_AFTER_MAX_MS: String(CAP) });
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, ${Object.keys(cases).length}) g`]);
+  await waitFor(async () => recv.delivered.size === Object.keys(cases).length && (await unprocessed(db)) === 0, 20_000, 'all delivered', () => recv.delivered.size);
+  for (const [vendor, c] of Object.entries(cases)) {
+    const reqs = recv.requests.filter((r) => aggregateOf(r) === vendor);
+    t.equal(reqs.length, 2, `Retry-After ${JSON.stringify(c.value)}: one 429, one retry`);
+    const gap = (reqs[1]?.receivedAt ?? 0) - (reqs[0]?.receivedAt ?? 0);
+    if (c.expect === 'honoured') t.ok(gap >= 900, `Retry-After: 1 -> not retried before ~1 s (after ${gap} ms)`);
+    else if (c.expect === 'capped') t.ok(gap >= CAP - 100 && gap < 10_000, `Retry-After ${JSON.stringify(c.value)} capped at ${CAP} ms (after ${gap} ms)`);
+    else t.ok(gap < CAP - 100, `Retry-After ${JSON.stringify(c.value)} ignored: ordinary backoff (after ${gap} ms)`);
+  }
+  t.same(relay.logs.errors(), [], 'no errors logged');
+});
+
+t.test('410 Gone disables the subscription and keeps its deliveries; enabling it delivers them', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('tg');
+  await createTenant(db, T);
+  const recv = await startReceiver(t);
+  const sub = await subscribe(db, { tenant: T, userId: 1, url: recv.url() });
+  recv.secrets.push(sub.secret);
+  let gone = true;
+  recv.respond = (r, res) => answer(res, gone ? 410 : 200);
+  const relay = await startRelay(t, db.url, NO_CIRCUIT);
+  await writeAll(db, [
+    `INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 5) g`,
+    `UPDATE ${T}.vendors SET name = 'second' WHERE id = 1`,
+  ]);
+  const ids = await eventIds(db, T);
+  await waitFor(
+    async () => (await count(db, 'SELECT count(*)::int AS n FROM public.outbox_subscriptions WHERE id = $1 AND NOT enabled', [sub.id])) === 1
+      && (await count(db, 'SELECT count(*)::int AS n FROM public.outbox_deliveries WHERE locked_by IS NOT NULL')) === 0,
+    15_000, 'the subscription to be disabled and its leases given back');
+  const { rows: [s] } = await db.query<{ disabled_reason: string }>('SELECT disabled_reason FROM public.outbox_subscriptions WHERE id = $1', [sub.id]);
+  t.match(s?.disabled_reason, /410/, 'disabled_reason names the 410');
+  const { rows: deliveries } = await db.query<{ state: string; attempts: number }>('SELECT state::text, attempts FROM public.outbox_deliveries WHERE subscription_id = $1', [sub.id]);
+  t.equal(deliveries.length, ids.length, 'every delivery kept');
+  t.ok(deliveries.every((d) => d.state !== 'dead'), 'none of them dead');
+  t.ok(deliveries.every((d) => d.attempts === 0), 'a 410 burns no attempt');
+  t.equal(await count(db, "SELECT count(*)::int AS n FROM public.outbox_events WHERE status <> 'pending'"), 0, 'the events are still pending');
+  t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.event_acknowledgments'), 0, 'and not acknowledged');
+  t.ok(relay.logs.has(/410 Gone/), 'the relay says why it stopped');
+  const sentWhileGone = recv.requests.length;
+  t.ok(sentWhileGone >= 1 && sentWhileGone <= ids.length, `the relay stopped sending after the 410 (${sentWhileGone} requests)`);
+
+  gone = false;
+  const res = await runCli(['subscriptions', 'enable', String(sub.id)], { DATABASE_URL: db.url });
+  t.equal(res.code, 0, res.stderr);
+  await waitFor(async () => recv.delivered.size === ids.length && (await unprocessed(db)) === 0, 15_000, 'the kept deliveries to arrive after enable', () => recv.delivered.size);
+  t.same([...recv.delivered.keys()].sort(), ids.map((id) => expectedWebhookId(id, sub.id)).sort(), 'every kept delivery arrived');
+  const v1 = [...recv.delivered.values()].filter((r) => aggregateOf(r) === '1').map((r) => (JSON.parse(r.body) as { event_type: string }).event_type);
+  t.same(v1, ['vendors_insert', 'vendors_update'], 'in aggregate order');
+  t.equal(await count(db, "SELECT count(*)::int AS n FROM public.event_acknowledgments WHERE status = 'processed' AND source = 'relay'"), ids.length, 'acknowledged');
+});
+
+t.test('out of attempts: dead delivery, failed ack, failed event; replay requeues and delivers it', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('td');
+  await createTenant(db, T);
+  const recv = await startReceiver(t);
+  const sub = await subscribe(db, { tenant: T, userId: 3, url: recv.url() });
+  recv.secrets.push(sub.secret);
+  let failing = true;
+  recv.respond = (r, res) => answer(res, failing ? 500 : 200, failing ? 'down' : 'ok');
+  await startRelay(t, db.url, { ...NO_CIRCUIT, RETRY_MAX_ATTEMPTS: '3' });
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 4) g`]);
+  const ids = await eventIds(db, T);
+  await waitFor(async () => (await count(db, "SELECT count(*)::int AS n FROM public.outbox_deliveries WHERE state = 'dead'")) === ids.length, 20_000, 'the deliveries to die');
+  const groups = byWebhookId(recv.requests);
+  t.same([...groups.values()].map((l) => l.length), ids.map(() => 3), 'each event tried exactly RETRY_MAX_ATTEMPTS (3) times');
+  const { rows: ev } = await db.query<{ status: string; attempts: number; max_attempts: number; processed_at: Date | null }>(
+    'SELECT status, attempts, max_attempts, processed_at FROM public.outbox_events WHERE tenant = $1', [T]);
+  t.ok(ev.every((e) => e.status === 'failed' && e.attempts === 3 && e.max_attempts === 3 && e.processed_at === null), 'events: status failed, attempts = max_attempts, not processed');
+  const { rows: acks } = await db.query<{ status: string; source: string; user_id: number; metadata: Record<string, unknown> }>(
+    'SELECT status::text, source, user_id, metadata FROM public.event_acknowledgments');
+  t.equal(acks.length, ids.length);
+  t.ok(acks.every((a) => a.status === 'failed' && a.source === 'relay' && a.user_id === 3 && a.metadata.http_status === 500 && a.metadata.attempts === 3 && a.metadata.subscription_id === sub.id && /500/.test(String(a.metadata.error))),
+    'acks: failed, as the subscription\'s user, with status, attempts and error', { acks });
+  const list = await runCli(['subscriptions', 'list', '--json'], { DATABASE_URL: db.url });
+  t.match(JSON.parse(list.stdout), [{ id: sub.id, dead: ids.length, pending: 0 }], 'subscriptions list shows the dead deliveries');
+
+  failing = false;
+  const before = recv.requests.length;
+  const res = await runCli(['replay', '--subscription', String(sub.id)], { DATABASE_URL: db.url });
+  t.equal(res.code, 0, res.stderr);
+  t.match(res.stdout, new RegExp(`^${ids.length} deliveries queued`, 'm'), 'replay prints how many it requeued');
+  await waitFor(async () => recv.delivered.size === ids.length && (await unprocessed(db)) === 0, 15_000, 'the replayed deliveries');
+  t.equal(recv.requests.length - before, ids.length, 'each sent once more');
+  t.ok([...recv.delivered.values()].every((r, i, all) => all.filter((x) => x.webhookId === r.webhookId).length === 1 && groups.has(r.webhookId)), 'with the webhook-ids of the first attempts');
+  t.equal(await count(db, "SELECT count(*)::int AS n FROM public.event_acknowledgments WHERE status = 'processed'"), ids.length, 'acks now processed');
+  t.equal(await count(db, "SELECT count(*)::int AS n FROM public.outbox_events WHERE status = 'processed'"), ids.length, 'events processed');
+  t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.outbox_deliveries'), 0, 'no delivery left');
+  const again = await runCli(['replay', '--subscription', String(sub.id), '--json'], { DATABASE_URL: db.url });
+  t.same(JSON.parse(again.stdout), { queued: 0 }, 'a second replay finds nothing dead');
+});
+
+t.test('slow, resetting, huge and redirecting receivers: handled, nothing lost, the relay keeps running', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('tb');
+  await createTenant(db, T);
+  const recv = await startReceiver(t);
+  const HUGE = 50 * 1024 * 1024;
+  const hugeSent: Array<{ bytes: number }> = [];
+  recv.respond = (r, res, raw) => {
+    if (r.path === '/slow') {
+      if (r.attempt === 1) return; // never answers: the subscription's timeout (1 s) ends it
+      answer(res, 200);
+    } else if (r.path === '/reset') {
+      if (r.attempt === 1) {
+        const sock = raw.socket as typeof raw.socket & { resetAndDestroy?: () => void };
+        if (sock.resetAndDestroy) sock.resetAndDestroy();
+        else sock.destroy();
+      } else answer(res, 200);
+    } else if (r.path === '/huge') {
+      const sent = { bytes: 0 };
+      hugeSent.push(sent);
+      streamHuge(res, r.attempt === 1 ? 500 : 200, HUGE, sent);
+    } else if (r.path === '/redirect') {
+      answer(res, 302, '', { location: recv.url('/target') });
+    } else answer(res, 200);
+  };
+  const subs: Record<string, { id: number; secret: string }> = {};
+  let user = 1;
+  for (const p of ['/slow', '/reset', '/huge', '/redirect']) subs[p] = await subscribe(db, { tenant: T, userId: user++, url: recv.url(p), timeoutMs: p === '/slow' ? 1000 : 5000 });
+  recv.secrets.push(...Object.values(subs).map((s) => s.secret));
+  const relay = await startRelay(t, db.url, { ...NO_CIRCUIT, RETRY_MAX_ATTEMPTS: '3' });
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 3) g`]);
+  const ids = await eventIds(db, T);
+  const settled = async () => (await count(db, "SELECT count(*)::int AS n FROM public.outbox_deliveries WHERE state <> 'dead'")) === 0;
+  await waitFor(settled, 30_000, 'every delivery to finish', () => ({ requests: recv.requests.length, delivered: recv.delivered.size }));
+
+  // What the relay recorded as delivered (a 200 whose huge body the relay cut short never "finishes" at the receiver).
+  const deliveredTo = async (subId: number) => {
+    const { rows } = await db.query<{ event_id: string; attempts: number }>(
+      "SELECT event_id::text, (metadata->>'attempts')::int AS attempts FROM public.event_acknowledgments WHERE status = 'processed' AND (metadata->>'subscription_id')::bigint = $1 ORDER BY 1",
+      [subId]);
+    return rows;
+  };
+  for (const p of ['/slow', '/reset', '/huge']) {
+    const sub = subs[p] as { id: number };
+    const acked = await deliveredTo(sub.id);
+    t.same(acked.map((a) => a.event_id).sort(), [...ids].sort(), `${p}: every event delivered`);
+    t.ok(acked.every((a) => a.attempts === 2), `${p}: on the second attempt`);
+    const groups = byWebhookId(recv.at(p));
+    t.same([...groups.keys()].sort(), ids.map((id) => expectedWebhookId(id, sub.id)).sort(), `${p}: the receiver saw every event`);
+    t.ok([...groups.values()].every((l) => l.length === 2), `${p}: exactly two attempts each`);
+  }
+  t.ok(recv.at('/slow').filter((r) => r.attempt === 1).every((r) => r.abandoned), 'slow: the relay gave up on the first attempts (timeout)');
+  t.ok(hugeSent.every((s) => s.bytes < HUGE), `huge: the relay stopped reading each 50 MB body early (${hugeSent.map((s) => Math.round(s.bytes / 1024)).join(', ')} KiB sent)`);
+
+  const redirect = subs['/redirect'] as { id: number };
+  t.equal(recv.at('/target').length, 0, 'redirect: never followed');
+  t.same([...byWebhookId(recv.at('/redirect')).values()].map((l) => l.length), [3, 3, 3], 'redirect: a failure every time, up to the attempt limit');
+  const { rows: dead } = await db.query<{ last_status: number; last_error: string }>(
+    "SELECT last_status, last_error FROM public.outbox_deliveries WHERE state = 'dead' AND subscription_id = $1", [redirect.id]);
+  t.equal(dead.length, ids.length, 'redirect: dead deliveries, visible for replay');
+  t.ok(dead.every((d) => d.last_status === 302 && /redirect/i.test(d.last_error)), 'with the 302 and the reason recorded');
+
+  const { rows: errs } = await db.query<{ last_error: string | null }>('SELECT last_error FROM public.outbox_deliveries');
+  t.equal(errs.length, ids.length, 'nothing else is left in the queue');
+  t.same(relay.logs.errors(), [], 'no errors logged');
+  // Still running: a new event goes through to every well-behaved subscription.
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) VALUES (100, 'still alive')`]);
+  const [newest] = (await eventIds(db, T)).slice(-1);
+  await waitFor(async () => (await count(db, "SELECT count(*)::int AS n FROM public.event_acknowledgments WHERE event_id = $1 AND status = 'processed'", [newest])) === 3,
+    15_000, 'a new event to be delivered');
+  t.pass('the relay kept running');
+});
+
+t.test('a receiver slower than the lease but within the subscription\'s timeout gets each event once', async (t) => {
+  // RELAY_LEASE_MS (1500) exceeds WEBHOOK_TIMEOUT_MS (500) as the config requires, but a subscription
+  // may have its own, longer timeout (subscriptions add --timeout-ms, up to 10 minutes).
+  const db = await freshDatabase(t);
+  const T = tenantName('tl');
+  await createTenant(db, T);
+  const recv = await startReceiver(t);
+  const sub = await subscribe(db, { tenant: T, userId: 1, url: recv.url(), timeoutMs: 3000 });
+  recv.secrets.push(sub.secret);
+  recv.respond = (r, res) => {
+    setTimeout(() => answer(res, 200), 2000); // within the subscription's 3 s timeout
+  };
+  const relay = await startRelay(t, db.url, { ...NO_CIRCUIT, RELAY_LEASE_MS: '1500' });
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 2) g`]);
+  await waitFor(async () => recv.requests.length >= 2 && (await unprocessed(db)) === 0, 10_000, 'both events delivered', async () => ({
+    requests: recv.requests.length,
+    answered200: recv.requests.filter((r) => r.status === 200).length,
+    deliveries: (await db.query('SELECT attempts, state::text, last_error FROM public.outbox_deliveries ORDER BY event_id')).rows,
+  }));
+  t.equal(recv.requests.length, 2, `each event sent once, not again while its first attempt was still in flight (${recv.requests.length} requests)`);
+  t.notOk(relay.logs.has(/not recorded/), 'no outcome was fenced off as stale');
+});
+
+t.test('a delivery claimed ahead is not sent twice because its lease ran out while it waited for a slot', async (t) => {
+  // The minimum the config allows: lease = timeout + 1 s. With max in-flight 1 the relay claims two
+  // (one sent, one queued); the queued one waits up to a timeout for the slot, then takes up to a timeout.
+  const db = await freshDatabase(t);
+  const T = tenantName('tq');
+  await createTenant(db, T);
+  const recv = await startReceiver(t);
+  const sub = await subscribe(db, { tenant: T, userId: 1, url: recv.url(), timeoutMs: 2000, maxInFlight: 1, ordering: 'none' });
+  recv.secrets.push(sub.secret);
+  recv.respond = (r, res) => {
+    setTimeout(() => answer(res, 200), 1800); // slow, but within the 2 s timeout
+  };
+  const relay = await startRelay(t, db.url, { ...NO_CIRCUIT, WEBHOOK_TIMEOUT_MS: '2000', RELAY_LEASE_MS: '3000' });
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 2) g`]);
+  await waitFor(async () => recv.requests.length >= 2 && (await unprocessed(db)) === 0, 20_000, 'both events delivered');
+  t.equal(recv.requests.length, 2, `each event sent once (${recv.requests.length} requests: ${[...byWebhookId(recv.requests).values()].map((l) => l.length).join(', ')})`);
+  t.notOk(relay.logs.has(/not recorded/), 'no outcome was fenced off as stale');
+});
+
+t.test('subscriptions add refuses invalid URLs and filters with exit 2 and a clear message', async (t) => {
+  const db = await freshDatabase(t);
+  const env = { DATABASE_URL: db.url };
+  const base = ['subscriptions', 'add', '--tenant', 'tenant_x', '--user', '1'];
+  const urlCases: Array<[string, RegExp]> = [
+    ['not a url', /not an absolute URL/],
+    ['ftp://example.com/hook', /scheme must be https/],
+    ['javascript:alert(1)', /scheme must be https/],
+    ['file:///etc/passwd', /scheme must be https/],
+    ['https://user:pw@example.com/hook', /credentials/],
+    ['https://example.com/hook#frag', /fragment/],
+    [`https://example.com/${'a'.repeat(2100)}`, /longer than 2048/],
+    ['http://127.0.0.1:8080/hook', /private\/loopback\/link-local/],
+    ['http://169.254.169.254/latest/meta-data/', /private\/loopback\/link-local/],
+    ['http://10.1.2.3/hook', /private\/loopback\/link-local/],
+    ['http://[::1]/hook', /private\/loopback\/link-local/],
+    ['http://[::ffff:127.0.0.1]/hook', /private\/loopback\/link-local/],
+    ['http://[::127.0.0.1]/hook', /private\/loopback\/link-local/],
+    ['http://2130706433/hook', /private\/loopback\/link-local/],
+    ['http://localhost:3000/hook', /local name/],
+  ];
+  const results = await inParallel(urlCases.map(([url]) => () => runCli([...base, '--url', url], env)));
+  for (const [i, [url, message]] of urlCases.entries()) {
+    const res = results[i] as CliResult;
+    t.equal(res.code, 2, `${url.slice(0, 60)}: exit 2`);
+    const errors = res.stderr.split('\n').filter((l) => l.startsWith('outbox-relay: error:'));
+    t.equal(errors.length, 1, 'one error line');
+    t.match(errors[0], message, `${url.slice(0, 60)}: says why`);
+    t.equal(res.stdout, '', 'nothing on stdout');
+  }
+  const filterCases = ['vendors-*', 'vendors_*;drop table x', 'vendors update', 'vendors_*,', 'v'.repeat(101), '%', 'vendors.*'];
+  const filterResults = await inParallel(filterCases.map((events) => () => runCli([...base, '--url', 'https://example.com/hook', '--events', events], env)));
+  for (const [i, events] of filterCases.entries()) {
+    const res = filterResults[i] as CliResult;
+    t.equal(res.code, 2, `filter ${JSON.stringify(events.slice(0, 40))}: exit 2`);
+    t.match(res.stderr, /invalid event filter/, 'says it is the filter');
+  }
+  const other: Array<[string[], RegExp]> = [
+    [['--ordering', 'random'], /ordering must be/],
+    [['--secret', 'not-a-secret'], /whsec_/],
+    [['--max-in-flight', '0'], /max in-flight/],
+  ];
+  const otherResults = await inParallel(other.map(([args]) => () => runCli([...base, '--url', 'https://example.com/hook', ...args], env)));
+  for (const [i, [args, message]] of other.entries()) {
+    const res = otherResults[i] as CliResult;
+    t.equal(res.code, 2, `${args.join(' ')}: exit 2`);
+    t.match(res.stderr, message);
+  }
+  const badTenant = await runCli(['subscriptions', 'add', '--tenant', 'x; drop', '--user', '1', '--url', 'https://example.com/hook'], env);
+  t.equal(badTenant.code, 2, 'a bad tenant name: exit 2');
+  const prod = await runCli([...base, '--url', 'http://example.com/hook'], {
+    ...env,
+    NODE_ENV: 'production',
+    OUTBOX_ENCRYPTION_KEYS: `k1:${randomBytes(32).toString('base64')}`, // required in production
+  });
+  t.equal(prod.code, 2, 'plain http in production is refused with exit 2');
+  t.match(prod.stderr, /must use https in production/);
+  t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.outbox_subscriptions'), 0, 'no subscription was created');
+
+  const okPrivate = await runCli([...base, '--url', 'http://127.0.0.1:9/hook', '--events', 'vendors_*,projects_update', '--json'], { ...env, WEBHOOK_ALLOW_PRIVATE_TARGETS: 'true' });
+  t.equal(okPrivate.code, 0, `with WEBHOOK_ALLOW_PRIVATE_TARGETS=true a loopback target is accepted ${okPrivate.stderr}`);
+  const { rows } = await db.query<{ event_types: string[] }>('SELECT event_types FROM public.outbox_subscriptions');
+  t.same(rows[0]?.event_types, ['vendors_*', 'projects_update'], 'and the filter stored as given');
+});
