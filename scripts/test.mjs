@@ -96,6 +96,7 @@ function countResults(dir) {
 }
 
 let child;
+let tail = '';
 let interrupted = false;
 for (const sig of ['SIGINT', 'SIGTERM']) {
   process.on(sig, () => {
@@ -124,7 +125,7 @@ try {
   status = await new Promise((resolve) => {
     child = spawn(join(root, 'node_modules/.bin/tap'), args, {
       cwd: root,
-      stdio: 'inherit',
+      stdio: ['inherit', 'pipe', 'inherit'],
       env: {
         ...process.env,
         TEST_DATABASE_URL: adminUrl,
@@ -132,6 +133,11 @@ try {
         OUTBOX_TEST_RUN_ID: runId,
         OUTBOX_TEST_PG_VERSION: version,
       },
+    });
+    // Pass tap's output through, keeping its closing summary ("# { total: N, pass: P, fail: F }").
+    child.stdout.on('data', (chunk) => {
+      process.stdout.write(chunk);
+      tail = (tail + chunk.toString('utf8')).slice(-8192);
     });
     child.on('exit', (code, signal) => resolve(code ?? (signal ? 1 : 0)));
   });
@@ -141,7 +147,12 @@ try {
 } finally {
   await cleanup();
 }
-const { passed, failed } = countResults(resultsDir);
+// tap's own summary is the count of record; the saved per-file results are the fallback when tap
+// died before printing one (a file that died before finishing counts as a failure there).
+const counted = countResults(resultsDir);
+const summary = [...tail.matchAll(/^# \{ total: (\d+)(?:, pass: (\d+))?(?:, fail: (\d+))?/gm)].pop();
+const passed = summary ? Number(summary[2] ?? 0) : counted.passed;
+const failed = summary ? Math.max(Number(summary[3] ?? 0), counted.failed) : counted.failed;
 rmSync(resultsDir, { recursive: true, force: true });
 process.stdout.write(`${passed} passed, ${failed} failed\n`);
 process.exit(interrupted ? 130 : status !== 0 ? status : failed > 0 ? 1 : 0);

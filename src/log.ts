@@ -20,6 +20,30 @@ export const REDACT_PATHS = [
   'config.database.url', 'config.database.password', 'config.secrets',
 ];
 
+/**
+ * Secret-shaped text, wherever it occurs in a line (paths cannot catch a secret inside a message,
+ * e.g. a receiver's error body that echoes our request headers). Applied to every serialized line.
+ */
+const SCRUBS: ReadonlyArray<[RegExp, string]> = [
+  // Standard Webhooks signatures (v1 = HMAC-SHA256, v1a = ed25519), base64.
+  [/\b(v1a?),[A-Za-z0-9+/]{16,}={0,2}/g, '$1,[redacted]'],
+  // Signing secrets as users see them.
+  [/\b(whsec|whsk|whpk)_[A-Za-z0-9+/]{8,}={0,2}/g, '$1_[redacted]'],
+  // Encrypted signing secrets (enc:v1:<key id>:<iv>:<ciphertext>).
+  [/\benc:v1:([a-z0-9]{1,32}):[A-Za-z0-9+/=]+:[A-Za-z0-9+/=]+/g, 'enc:v1:$1:[redacted]'],
+  // Passwords in URLs (postgres://user:password@host).
+  [/\b([a-z][a-z0-9+.-]*:\/\/[^\s:/?#@"]*):[^\s@/"]*@/gi, '$1:[redacted]@'],
+  // Bearer tokens.
+  [/\b(Bearer\s+)[A-Za-z0-9._~+/-]+=*/gi, '$1[redacted]'],
+];
+
+/** Replaces secret-shaped text (signatures, whsec_ secrets, URL passwords, bearer tokens) with [redacted]. */
+export function scrubSecrets(text: string): string {
+  let out = text;
+  for (const [re, replacement] of SCRUBS) out = out.replace(re, replacement);
+  return out;
+}
+
 export interface LoggerSettings {
   level: LogLevel;
   /** 1 = stdout (daemons), 2 = stderr (CLI commands). */
@@ -36,6 +60,7 @@ export function createLogger(settings: LoggerSettings): Logger {
     redact: { paths: REDACT_PATHS, censor: '[redacted]' },
     base: { pid: process.pid },
     timestamp: pino.stdTimeFunctions.isoTime,
+    hooks: { streamWrite: scrubSecrets },
   };
   if (settings.destination) return pino(options, settings.destination);
   return pino(options, pino.destination({ fd: settings.fd ?? 1, sync: settings.fd === 2 }));

@@ -87,6 +87,14 @@ async function deleteInBatches(
 export async function runRetention(pool: pg.Pool, options: RetentionOptions): Promise<RetentionResult> {
   const started = Date.now();
   const client = await pool.connect();
+  // A checked-out client has lost the pool's error listener: a connection lost between two batches
+  // (a database restart) would otherwise be an unhandled 'error' event that crashes the process.
+  // The batch in flight fails instead, and the connection is discarded.
+  let failed: Error | undefined;
+  const onError = (err: Error): void => {
+    failed = err;
+  };
+  client.on('error', onError);
   try {
     const { rows } = await client.query<{ locked: boolean }>('SELECT pg_try_advisory_lock($1) AS locked', [RETENTION_LOCK_KEY]);
     if (!rows[0]?.locked) {
@@ -116,7 +124,11 @@ export async function runRetention(pool: pg.Pool, options: RetentionOptions): Pr
       await client.query('RESET lock_timeout').catch(() => undefined);
       await client.query('SELECT pg_advisory_unlock($1)', [RETENTION_LOCK_KEY]).catch(() => undefined);
     }
+  } catch (err) {
+    failed ??= err instanceof Error ? err : new Error(String(err));
+    throw err;
   } finally {
-    client.release();
+    client.release(failed);
+    client.removeListener('error', onError);
   }
 }

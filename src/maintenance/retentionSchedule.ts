@@ -16,6 +16,9 @@ export class RetentionSchedule {
   ) {}
 
   start(): void {
+    // A daemon stopped while it was still starting must not schedule anything afterwards (the cron
+    // timer would keep the stopped process alive).
+    if (this.abort.signal.aborted) return;
     this.task = cron.schedule(
       this.config.schedule,
       async () => {

@@ -69,6 +69,11 @@ export class QueueSampler {
   private async run(): Promise<void> {
     const client = await this.options.pool.connect().catch(() => undefined);
     if (!client) return; // the database is down: the gauges keep their last values, database_up says why
+    // A checked-out client has lost the pool's error listener: if the server goes away between two
+    // statements (a restart), its 'error' event would be unhandled and crash the daemon.
+    const onError = (): void => undefined;
+    client.on('error', onError);
+    let failed: Error | undefined;
     try {
       await client.query('BEGIN');
       await client.query("SET LOCAL statement_timeout = '5s'");
@@ -77,10 +82,13 @@ export class QueueSampler {
       const samples: QueueSample[] = rows.map((r) => ({ tenant: r.tenant, pending: r.pending + r.queued, dead: r.dead, oldestAgeSeconds: Math.max(0, r.oldest_age) }));
       this.options.metrics.setQueueSample(samples, rows.reduce((n, r) => n + r.queued, 0));
     } catch (err) {
+      failed = err instanceof Error ? err : new Error(String(err));
       await client.query('ROLLBACK').catch(() => undefined);
-      this.options.logger.debug({ err: (err as Error).message }, 'queue sample failed; gauges keep their last values');
+      this.options.logger.debug({ err: failed.message }, 'queue sample failed; gauges keep their last values');
     } finally {
-      client.release();
+      // After a failure the connection may be dead: the pool discards it rather than reuse it.
+      client.release(failed);
+      client.removeListener('error', onError);
     }
   }
 

@@ -11,6 +11,9 @@ import type { CircuitState } from '../relay/circuitBreaker.js';
 
 const CIRCUIT_STATES: readonly CircuitState[] = ['closed', 'half-open', 'open'];
 
+/** prom-client default metrics that are gauges despite their `_total` names. */
+const NON_COUNTER_TOTALS = ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total'];
+
 export interface QueueSample {
   tenant: string;
   pending: number;
@@ -41,6 +44,10 @@ export class RelayMetrics {
     const metrics = this;
     const r = this.registry;
     collectDefaultMetrics({ register: r });
+    // prom-client exports the totals of active handles, requests and resources as gauges named
+    // `…_total`, which `promtool check metrics` rejects (`_total` is for counters). The same figures
+    // stay available per type (nodejs_active_handles{type}, …): sum() gives the totals.
+    for (const name of NON_COUNTER_TOTALS) r.removeSingleMetric(name);
     new Gauge({ name: 'outbox_relay_build_info', help: 'Version of the running outbox-relay (always 1).', labelNames: ['version'], registers: [r] }).set({ version }, 1);
     this.deliveries = new Counter({
       name: 'outbox_relay_deliveries_total',
