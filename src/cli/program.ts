@@ -11,6 +11,7 @@ import { registerTenantCommands } from './tenantCommands.js';
 import { registerTriggerCommands } from './triggerCommands.js';
 import { registerSubscriptionCommands } from './subscriptionCommands.js';
 import { registerRunCommand } from './runCommand.js';
+import { registerApiCommands } from './apiCommands.js';
 import { registerDemoCommand } from './demoCommand.js';
 import { registerOpsCommands } from './opsCommands.js';
 import { registerHealthcheckCommand } from './healthcheckCommand.js';
@@ -46,6 +47,7 @@ export function buildProgram(io: CliIo): { program: Command; context: () => Comm
   registerSecretCommands(program, ctx);
   registerSubscriptionCommands(program, ctx);
   registerRunCommand(program, ctx);
+  registerApiCommands(program, ctx);
   registerDemoCommand(program, ctx);
   registerOpsCommands(program, ctx);
   registerHealthcheckCommand(program, ctx);

@@ -1,0 +1,92 @@
+/**
+ * `outbox-relay api create-role`: the sidecar's own database role. Roles belong to the whole cluster
+ * and grants to one database, so this is a command (run by the owner, once per database, as often as
+ * you like) rather than a migration. It creates the role when missing (LOGIN, no superuser, no
+ * BYPASSRLS), optionally sets its password (as a SCRAM verifier computed here), grants exactly what the
+ * sidecar needs in the current database, and registers the role so that row-level security confines it.
+ * Identifiers are quoted by PostgreSQL's format('%I'); values are parameters.
+ */
+import type pg from 'pg';
+import { OutboxError, UsageError } from '../errors.js';
+import { scramSha256Verifier } from './scram.js';
+
+export interface CreateRoleOptions {
+  name: string;
+  password?: string | undefined;
+}
+
+export interface CreateRoleResult {
+  role: string;
+  database: string;
+  created: boolean;
+  passwordSet: boolean;
+}
+
+/** Lower-case identifiers only: no quoting surprises in DB_USER, pg_hba.conf or psql. */
+export const ROLE_NAME_PATTERN = /^[a-z_][a-z0-9_]{0,62}$/;
+
+/** Builds a statement text server-side: format() quotes identifiers (%I) and literals (%L). */
+async function formatSql(client: pg.ClientBase, template: string, ...args: string[]): Promise<string> {
+  const params = args.map((_, i) => `$${i + 1}::text`).join(', ');
+  const { rows } = await client.query<{ sql: string }>(`SELECT format($${args.length + 1}::text, ${params}) AS sql`, [...args, template]);
+  return (rows[0] as { sql: string }).sql;
+}
+
+/** What the sidecar may do, in the current database: read events, write its own acknowledgments and cursors. */
+const GRANTS = [
+  'GRANT CONNECT ON DATABASE %I TO %I',
+  'GRANT USAGE ON SCHEMA public TO %I',
+  'GRANT SELECT ON public.outbox_events, public.outbox_relay_migrations TO %I',
+  'GRANT SELECT, INSERT, UPDATE ON public.event_acknowledgments, public.outbox_pull_cursors TO %I',
+  // The pull cursors read the id sequence's position (sql/007, outbox_pull_advance).
+  'GRANT SELECT ON SEQUENCE public.outbox_events_id_seq TO %I',
+];
+
+export async function createApiRole(client: pg.ClientBase, o: CreateRoleOptions): Promise<CreateRoleResult> {
+  if (!ROLE_NAME_PATTERN.test(o.name) || o.name.startsWith('pg_')) {
+    throw new UsageError(`role name ${JSON.stringify(o.name)} is not allowed: use lower-case letters, digits and _ (not starting with pg_), at most 63`);
+  }
+  const verifier = o.password === undefined ? undefined : scramSha256Verifier(o.password);
+
+  const { rows: ctx } = await client.query<{ db: string; me: string; owner: string | null; migrated: boolean }>(
+    `SELECT current_database()::text AS db, current_user::text AS me,
+            (SELECT pg_catalog.pg_get_userbyid(c.relowner)::text FROM pg_catalog.pg_class AS c
+             WHERE c.oid = to_regclass('public.outbox_events')) AS owner,
+            to_regclass('public.outbox_api_roles') IS NOT NULL AS migrated`,
+  );
+  const { db, me, owner, migrated } = ctx[0] as { db: string; me: string; owner: string | null; migrated: boolean };
+  if (!migrated) throw new OutboxError('the pull API tables are not installed in this database; run "outbox-relay migrate" first', 'E_NOT_MIGRATED');
+  if (o.name === me || o.name === owner) {
+    throw new UsageError(`role "${o.name}" runs or owns the outbox itself; the sidecar needs a role of its own (row-level security would confine the relay too)`);
+  }
+
+  await client.query('BEGIN');
+  try {
+    const { rows } = await client.query<{ rolsuper: boolean; rolbypassrls: boolean }>(
+      'SELECT rolsuper, rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = $1',
+      [o.name],
+    );
+    const existing = rows[0];
+    if (existing && (existing.rolsuper || existing.rolbypassrls)) {
+      throw new UsageError(`role "${o.name}" exists and is ${existing.rolsuper ? 'a superuser' : 'BYPASSRLS'}: row-level security cannot confine it; choose another name`);
+    }
+    if (!existing) {
+      await client.query(await formatSql(client, 'CREATE ROLE %I WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS', o.name));
+    }
+    if (verifier !== undefined) {
+      await client.query(await formatSql(client, 'ALTER ROLE %I WITH LOGIN PASSWORD %L', o.name, verifier));
+    }
+    for (const grant of GRANTS) {
+      const args = grant.startsWith('GRANT CONNECT') ? [db, o.name] : [o.name];
+      await client.query(await formatSql(client, grant, ...args));
+    }
+    await client.query('INSERT INTO public.outbox_api_roles (role_name) VALUES ($1) ON CONFLICT (role_name) DO NOTHING', [o.name]);
+    await client.query('COMMIT');
+    return { role: o.name, database: db, created: !existing, passwordSet: verifier !== undefined };
+  } catch (err) {
+    await client.query('ROLLBACK').catch(() => undefined);
+    // Two runs at once: the other one created the role first. Running again finds it.
+    if ((err as { code?: string }).code === '42710') throw new OutboxError(`role "${o.name}" was created concurrently; run the command again`, 'E_CONCURRENT');
+    throw err;
+  }
+}

@@ -1,0 +1,245 @@
+/**
+ * The `api` commands as a user runs them (node dist/cli.js): help, minting tokens, creating the
+ * sidecar's role (idempotent), running the sidecar (JSON logs on stdout, graceful SIGTERM), refusing
+ * a superuser or unregistered role in production, and configuration errors (exit 78).
+ */
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { writeFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { jwtVerify } from 'jose';
+import pg from 'pg';
+import t from 'tap';
+import { scramSha256Verifier } from '../src/api/scram.js';
+import { CLI, cleanEnv, runCli } from './helpers/cli.js';
+import { adminUrl, freshDatabase, type TestContext, type TestDatabase } from './helpers/db.js';
+import { LogLines, waitFor } from './helpers/api.js';
+
+const SECRET = randomBytes(32).toString('hex');
+
+function tempDir(t: TestContext): string {
+  const dir = mkdtempSync(join(tmpdir(), 'outbox-api-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+/** A unique role name, dropped (with its privileges in `db`) at teardown. */
+function roleName(t: TestContext, db: TestDatabase): string {
+  const name = `outbox_api_c_${randomBytes(5).toString('hex')}`;
+  t.teardown(async () => {
+    const c = new pg.Client({ connectionString: db.url });
+    await c.connect().then(() => c.query(`DROP OWNED BY ${name}`)).catch(() => undefined);
+    await c.end().catch(() => undefined);
+    const a = new pg.Client({ connectionString: adminUrl() });
+    await a.connect();
+    await a.query(`DROP ROLE IF EXISTS ${name}`);
+    await a.end();
+  });
+  return name;
+}
+
+function urlAs(db: TestDatabase, user: string, password: string): string {
+  const u = new URL(db.url);
+  u.username = user;
+  u.password = password;
+  return u.toString();
+}
+
+t.test('help', async (t) => {
+  for (const args of [['api', '--help'], ['api', 'token', '--help'], ['api', 'create-role', '--help']]) {
+    const res = await runCli(args);
+    t.equal(res.code, 0, args.join(' '));
+    t.match(res.stdout, /Usage: outbox-relay api/);
+  }
+  const bad = await runCli(['api', 'serve']);
+  t.equal(bad.code, 2, 'unknown word');
+  t.equal(bad.stderr.trim().split('\n').length, 1, 'one line');
+});
+
+t.test('api token', async (t) => {
+  const noSecret = await runCli(['api', 'token', '--tenant', 't1', '--user', '5']);
+  t.equal(noSecret.code, 78, 'no JWT_SECRET: configuration error');
+  t.match(noSecret.stderr, /JWT_SECRET is missing/);
+
+  const res = await runCli(['api', 'token', '--tenant', 'a4ayc80OGd', '--user', '101', '--ttl', '2h'], { JWT_SECRET: SECRET });
+  t.equal(res.code, 0, res.stderr);
+  const token = res.stdout.trim();
+  const { payload, protectedHeader } = await jwtVerify(token, new TextEncoder().encode(SECRET), { algorithms: ['HS256'] });
+  t.equal(protectedHeader.alg, 'HS256');
+  t.equal(payload.tenant, 'a4ayc80OGd');
+  t.equal(payload.sub, '101');
+  t.ok(Math.abs((payload.exp as number) - (payload.iat as number) - 7200) <= 1, 'ttl 2h');
+
+  const json = await runCli(['api', 'token', '--tenant', 't', '--user', '1', '--json'], { JWT_SECRET: SECRET });
+  t.equal(json.code, 0);
+  t.same(Object.keys(JSON.parse(json.stdout)), ['token', 'tenant', 'user', 'expiresAt']);
+
+  for (const [args, what] of [
+    [['--tenant', 't', '--user', 'abc'], 'non-integer user'],
+    [['--tenant', 't', '--user', '1', '--ttl', '1y'], 'bad ttl'],
+    [['--tenant', '', '--user', '1'], 'empty tenant'],
+    [['--user', '1'], 'no tenant'],
+  ] as const) {
+    const bad = await runCli(['api', 'token', ...args], { JWT_SECRET: SECRET });
+    t.equal(bad.code, 2, what);
+    t.equal(bad.stderr.trim().split('\n').length, 1, `${what}: one line`);
+  }
+
+  const skew = await runCli(['api', 'token', '--tenant', 't', '--user', '1'], { JWT_SECRET: SECRET, API_JWT_CLOCK_SKEW_SECONDS: '1000' });
+  t.equal(skew.code, 78, 'config error');
+  t.match(skew.stderr, /API_JWT_CLOCK_SKEW_SECONDS/);
+  const claim = await runCli(['api', 'token', '--tenant', 't', '--user', '1'], { JWT_SECRET: SECRET, API_JWT_USER_CLAIM: 'exp' });
+  t.equal(claim.code, 78);
+  const weak = await runCli(['api', 'token', '--tenant', 't', '--user', '1'], { JWT_SECRET: 'secret', NODE_ENV: 'production' });
+  t.equal(weak.code, 78, 'a weak secret in production');
+});
+
+t.test('api create-role', async (t) => {
+  const db = await freshDatabase(t);
+  const name = roleName(t, db);
+  const dir = tempDir(t);
+  const pwFile = join(dir, 'pw');
+  writeFileSync(pwFile, 'correct-horse-battery-staple\n', { mode: 0o600 });
+
+  const first = await runCli(['api', 'create-role', '--name', name, '--password-file', pwFile], { DATABASE_URL: db.url });
+  t.equal(first.code, 0, first.stderr);
+  t.match(first.stdout, new RegExp(`role ${name} created; password set`));
+  const again = await runCli(['api', 'create-role', '--name', name, '--json'], { DATABASE_URL: db.url });
+  t.equal(again.code, 0, 'idempotent');
+  t.same(JSON.parse(again.stdout), { role: name, database: db.name, created: false, passwordSet: false });
+
+  const { rows } = await db.query(
+    `SELECT r.rolsuper, r.rolbypassrls, r.rolcanlogin, r.rolcreaterole,
+            EXISTS (SELECT 1 FROM public.outbox_api_roles WHERE role_name = r.rolname) AS registered,
+            has_table_privilege(r.rolname, 'public.outbox_events', 'SELECT') AS read_events,
+            has_table_privilege(r.rolname, 'public.outbox_events', 'UPDATE') AS write_events,
+            has_table_privilege(r.rolname, 'public.event_acknowledgments', 'INSERT') AS write_acks,
+            has_table_privilege(r.rolname, 'public.event_acknowledgments', 'DELETE') AS delete_acks,
+            has_table_privilege(r.rolname, 'public.outbox_subscriptions', 'SELECT') AS read_subscriptions,
+            has_table_privilege(r.rolname, 'public.outbox_subscription_secrets', 'SELECT') AS read_secrets
+     FROM pg_roles AS r WHERE r.rolname = $1`,
+    [name],
+  );
+  t.same(rows[0], {
+    rolsuper: false, rolbypassrls: false, rolcanlogin: true, rolcreaterole: false, registered: true,
+    read_events: true, write_events: false, write_acks: true, delete_acks: false, read_subscriptions: false, read_secrets: false,
+  }, 'a confined login role with exactly what it needs');
+
+  // The password was stored as a SCRAM verifier computed by us: it must equal PostgreSQL's own for
+  // the same password, salt and iterations.
+  const stored = (await db.query<{ p: string }>('SELECT rolpassword AS p FROM pg_authid WHERE rolname = $1', [name])).rows[0]!.p;
+  const m = /^SCRAM-SHA-256\$(\d+):([^$]+)\$/.exec(stored);
+  t.ok(m, 'stored as a SCRAM verifier');
+  t.equal(scramSha256Verifier('correct-horse-battery-staple', Buffer.from(m![2]!, 'base64'), Number(m![1])), stored);
+  const probe = roleName(t, db);
+  await db.query(`SET password_encryption = 'scram-sha-256'; CREATE ROLE ${probe} PASSWORD 'pencil'`);
+  const pgOwn = (await db.query<{ p: string }>('SELECT rolpassword AS p FROM pg_authid WHERE rolname = $1', [probe])).rows[0]!.p;
+  const pm = /^SCRAM-SHA-256\$(\d+):([^$]+)\$/.exec(pgOwn)!;
+  t.equal(scramSha256Verifier('pencil', Buffer.from(pm[2]!, 'base64'), Number(pm[1])), pgOwn, "identical to PostgreSQL's own verifier");
+
+  const login = new pg.Client({ connectionString: urlAs(db, name, 'correct-horse-battery-staple') });
+  await login.connect();
+  t.equal((await login.query<{ u: string }>('SELECT current_user AS u')).rows[0]!.u, name, 'logs in');
+  await login.end();
+
+  for (const [args, what] of [
+    [['--name', 'postgres'], 'the owner'],
+    [['--name', 'Bad;Name'], 'a bad name'],
+    [['--name', 'pg_monitor'], 'a reserved name'],
+    [['--name', name, '--password-file', join(dir, 'missing')], 'a missing password file'],
+  ] as const) {
+    const res = await runCli(['api', 'create-role', ...args], { DATABASE_URL: db.url });
+    t.equal(res.code, 2, what);
+    t.equal(res.stderr.trim().split('\n').length, 1, `${what}: one line`);
+  }
+  const empty = await freshDatabase(t, { migrated: false });
+  const unmigrated = await runCli(['api', 'create-role', '--name', name], { DATABASE_URL: empty.url });
+  t.equal(unmigrated.code, 1);
+  t.match(unmigrated.stderr, /migrate/);
+});
+
+interface ApiProcess {
+  logs: LogLines;
+  stderr(): string;
+  exited: Promise<number | null>;
+  kill(signal: NodeJS.Signals): void;
+}
+
+function spawnApi(t: TestContext, env: Record<string, string>): ApiProcess {
+  const child = spawn(process.execPath, [CLI, 'api'], { env: cleanEnv({ PORT: '0', API_HOST: '127.0.0.1', LOG_LEVEL: 'info', ...env }), stdio: ['ignore', 'pipe', 'pipe'] });
+  const logs = new LogLines();
+  let stderr = '';
+  child.stdout.on('data', (d: Buffer) => logs.push(d.toString('utf8')));
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString('utf8')));
+  let running = true;
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => {
+    running = false;
+    resolve(code);
+  }));
+  t.teardown(async () => {
+    if (running) {
+      child.kill('SIGKILL');
+      await exited;
+    }
+  });
+  return { logs, stderr: () => stderr, exited, kill: (s) => child.kill(s) };
+}
+
+t.test('api: the sidecar process', async (t) => {
+  const db = await freshDatabase(t);
+  const name = roleName(t, db);
+  const dir = tempDir(t);
+  writeFileSync(join(dir, 'pw'), 'sidecar-password-1\n');
+  t.equal((await runCli(['api', 'create-role', '--name', name, '--password-file', join(dir, 'pw')], { DATABASE_URL: db.url })).code, 0);
+  await db.query("INSERT INTO public.outbox_events (tenant, event_type, aggregate_id, aggregate_type, payload) VALUES ('tp', 'vendors_insert', '1', 'vendors', '{}')");
+
+  t.test('runs as its role, logs JSON to stdout, stops on SIGTERM', async (t) => {
+    const api = spawnApi(t, { DATABASE_URL: urlAs(db, name, 'sidecar-password-1'), JWT_SECRET: SECRET, NODE_ENV: 'production' });
+    await waitFor(() => api.logs.has('pull API listening'), 20_000, 'the sidecar to listen', () => api.stderr());
+    const port = api.logs.lines.find((l) => l.msg === 'pull API listening')?.port as number;
+    t.equal((await fetch(`http://127.0.0.1:${port}/healthz`)).status, 200);
+    const token = (await runCli(['api', 'token', '--tenant', 'tp', '--user', '3'], { JWT_SECRET: SECRET })).stdout.trim();
+    const res = await fetch(`http://127.0.0.1:${port}/api/outbox/events`, { headers: { authorization: `Bearer ${token}` } });
+    t.equal(res.status, 200);
+    t.equal(((await res.json()) as { events: unknown[] }).events.length, 1);
+    await waitFor(() => api.logs.lines.some((l) => l.msg === 'request' && l.path === '/api/outbox/events'), 5_000, 'the request log line');
+    t.notOk(JSON.stringify(api.logs.lines).includes(token.split('.')[2]!), 'the token is not logged');
+    api.kill('SIGTERM');
+    t.equal(await api.exited, 0, 'exit 0 after SIGTERM');
+    t.ok(api.logs.has('stopped'));
+    t.ok(api.logs.lines.every((l) => typeof l.level === 'number'), 'every stdout line is a JSON log line');
+  });
+
+  t.test('refuses a superuser in production (exit 78), warns elsewhere', async (t) => {
+    const prod = spawnApi(t, { DATABASE_URL: db.url, JWT_SECRET: SECRET, NODE_ENV: 'production' });
+    t.equal(await prod.exited, 78);
+    t.match(prod.stderr(), /superuser.*row-level security/);
+    t.equal(prod.stderr().trim().split('\n').length, 1, 'one line');
+
+    const dev = spawnApi(t, { DATABASE_URL: db.url, JWT_SECRET: SECRET, NODE_ENV: 'development' });
+    await waitFor(() => dev.logs.has('pull API listening'), 20_000, 'the sidecar to listen', () => dev.stderr());
+    t.ok(dev.logs.lines.some((l) => /superuser/.test(String(l.msg)) && l.level === 40), 'a warning');
+    dev.kill('SIGTERM');
+    t.equal(await dev.exited, 0);
+  });
+
+  t.test('refuses a role that is not registered, in production', async (t) => {
+    const plain = roleName(t, db);
+    await db.query(`CREATE ROLE ${plain} LOGIN PASSWORD 'plain-pw'; GRANT SELECT ON public.outbox_relay_migrations, public.outbox_events TO ${plain}`);
+    const api = spawnApi(t, { DATABASE_URL: urlAs(db, plain, 'plain-pw'), JWT_SECRET: SECRET, NODE_ENV: 'production' });
+    t.equal(await api.exited, 78);
+    t.match(api.stderr(), /not registered.*api create-role/);
+  });
+
+  t.test('configuration errors exit 78', async (t) => {
+    const noSecret = spawnApi(t, { DATABASE_URL: db.url });
+    t.equal(await noSecret.exited, 78);
+    t.match(noSecret.stderr(), /JWT_SECRET is missing/);
+    const badLimit = spawnApi(t, { DATABASE_URL: db.url, JWT_SECRET: SECRET, API_RATE_LIMIT_PER_SECOND: 'lots' });
+    t.equal(await badLimit.exited, 78);
+    t.match(badLimit.stderr(), /API_RATE_LIMIT_PER_SECOND/);
+    const badBody = spawnApi(t, { DATABASE_URL: db.url, JWT_SECRET: SECRET, API_BODY_LIMIT_BYTES: '10' });
+    t.equal(await badBody.exited, 78);
+  });
+});
