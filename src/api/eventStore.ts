@@ -14,6 +14,7 @@ import { countEventsQuery } from './sql/countEvents.js';
 import type { FilterInput } from './sql/eventFilters.js';
 import { listEventsQuery, type EventRow } from './sql/listEvents.js';
 import type { AckBody, ListQuery } from './validation.js';
+import { withPoolClient } from '../db/connection.js';
 
 /** The SQL the store runs, by operation. */
 export interface ApiQueries {
@@ -58,22 +59,18 @@ export class EventStore {
       const { rows } = await this.pool.query<EventRow>(this.queries.listEvents(q, p.tenant, p.userId));
       return toPage(rows);
     }
-    const client = await this.pool.connect();
-    let broken: Error | undefined;
-    try {
-      await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
-      const { rows } = await client.query<EventRow>(this.queries.listEvents(q, p.tenant, p.userId));
-      const total = await this.count(client, q, p);
-      await client.query('COMMIT');
-      return { ...toPage(rows), total };
-    } catch (err) {
-      await client.query('ROLLBACK').catch((rollbackErr: unknown) => {
-        broken = rollbackErr instanceof Error ? rollbackErr : new Error(String(rollbackErr));
-      });
-      throw err;
-    } finally {
-      client.release(broken);
-    }
+    return withPoolClient(this.pool, async (client) => {
+      try {
+        await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
+        const { rows } = await client.query<EventRow>(this.queries.listEvents(q, p.tenant, p.userId));
+        const total = await this.count(client, q, p);
+        await client.query('COMMIT');
+        return { ...toPage(rows), total };
+      } catch (err) {
+        await client.query('ROLLBACK').catch(() => undefined);
+        throw err;
+      }
+    });
   }
 
   /** How many of the principal's events match the filters. */

@@ -113,9 +113,14 @@ export class RelayDaemon {
       this.options.logger.info({ port: this.metricsPort, host: this.options.config.metrics.host }, 'metrics listening');
     }
     await ensureSchema({ pool: this.pool, logger: this.options.logger, migrate: Boolean(this.options.migrate), signal: this.abort.signal });
+    // Each step checks for a stop() that came meanwhile (a SIGTERM during start-up): nothing may be
+    // started after it, or its timers would keep the process alive.
+    if (this.abort.signal.aborted) return;
     await this.circuits.clear();
     await this.relay.start();
-    this.sampler.start();
+    if (this.abort.signal.aborted) return;
+    // The queue gauges exist for the metrics port; without it the sampler's queries are wasted.
+    if (this.metricsServer) this.sampler.start();
     this.retention?.start();
   }
 

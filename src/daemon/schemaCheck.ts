@@ -1,5 +1,6 @@
 /** Waits until the database is reachable and its schema matches this version (or migrates it). */
 import type pg from 'pg';
+import { withPoolClient } from '../db/connection.js';
 import { appliedVersions, loadMigrations, migrate } from '../db/migrate.js';
 import { OutboxError, isRetryableDbError, toOutboxError } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -20,8 +21,7 @@ export async function ensureSchema(options: SchemaCheckOptions): Promise<void> {
   for (let attempt = 1; ; attempt++) {
     if (options.signal.aborted) throw new OutboxError('stopped while waiting for the database', 'E_STOPPED');
     try {
-      const client = await options.pool.connect();
-      try {
+      await withPoolClient(options.pool, async (client) => {
         if (options.migrate) {
           const res = await migrate(client, expected);
           if (res.applied.length) options.logger.info({ applied: res.applied.map((m) => `${m.version}_${m.name}`) }, 'migrations applied');
@@ -34,10 +34,8 @@ export async function ensureSchema(options: SchemaCheckOptions): Promise<void> {
             'E_NOT_MIGRATED',
           );
         }
-        return;
-      } finally {
-        client.release();
-      }
+      });
+      return;
     } catch (err) {
       if (err instanceof OutboxError && err.code !== 'E_MIGRATION') throw err;
       if (!isRetryableDbError(err)) throw toOutboxError(err);

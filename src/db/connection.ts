@@ -54,3 +54,27 @@ export function createPool(db: DatabaseConfig, options: PoolOptions = {}): pg.Po
   pool.on('error', (err) => options.onError?.(err));
   return pool;
 }
+
+/**
+ * Runs `fn` with a client checked out of the pool. A checked-out client has lost the pool's error
+ * listener: a connection lost between two statements (a database restart) would be an unhandled
+ * 'error' event and crash the process. Here it only fails the statement in flight, and after any
+ * failure the connection is discarded instead of going back to the pool.
+ */
+export async function withPoolClient<T>(pool: pg.Pool, fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
+  const client = await pool.connect();
+  let failed: Error | undefined;
+  const onError = (err: Error): void => {
+    failed = err;
+  };
+  client.on('error', onError);
+  try {
+    return await fn(client);
+  } catch (err) {
+    failed ??= err instanceof Error ? err : new Error(String(err));
+    throw err;
+  } finally {
+    client.removeListener('error', onError);
+    client.release(failed);
+  }
+}

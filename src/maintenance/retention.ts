@@ -5,6 +5,7 @@
  * never wait on it; one replica at a time (a session advisory lock), the others skip.
  */
 import type pg from 'pg';
+import { withPoolClient } from '../db/connection.js';
 import type { Logger } from '../log.js';
 
 const RETENTION_LOCK_KEY = '7411201007';
@@ -86,16 +87,7 @@ async function deleteInBatches(
 /** Runs retention once (skipped when another replica is running it). */
 export async function runRetention(pool: pg.Pool, options: RetentionOptions): Promise<RetentionResult> {
   const started = Date.now();
-  const client = await pool.connect();
-  // A checked-out client has lost the pool's error listener: a connection lost between two batches
-  // (a database restart) would otherwise be an unhandled 'error' event that crashes the process.
-  // The batch in flight fails instead, and the connection is discarded.
-  let failed: Error | undefined;
-  const onError = (err: Error): void => {
-    failed = err;
-  };
-  client.on('error', onError);
-  try {
+  return withPoolClient(pool, async (client) => {
     const { rows } = await client.query<{ locked: boolean }>('SELECT pg_try_advisory_lock($1) AS locked', [RETENTION_LOCK_KEY]);
     if (!rows[0]?.locked) {
       options.logger.info('retention skipped: another replica is running it');
@@ -124,11 +116,5 @@ export async function runRetention(pool: pg.Pool, options: RetentionOptions): Pr
       await client.query('RESET lock_timeout').catch(() => undefined);
       await client.query('SELECT pg_advisory_unlock($1)', [RETENTION_LOCK_KEY]).catch(() => undefined);
     }
-  } catch (err) {
-    failed ??= err instanceof Error ? err : new Error(String(err));
-    throw err;
-  } finally {
-    client.release(failed);
-    client.removeListener('error', onError);
-  }
+  });
 }

@@ -4,6 +4,7 @@
  * piles up. Each sample is one statement with a short statement_timeout.
  */
 import type pg from 'pg';
+import { withPoolClient } from '../db/connection.js';
 import type { Logger } from '../log.js';
 import type { QueueSample, RelayMetrics } from './relayMetrics.js';
 
@@ -67,28 +68,23 @@ export class QueueSampler {
   }
 
   private async run(): Promise<void> {
-    const client = await this.options.pool.connect().catch(() => undefined);
-    if (!client) return; // the database is down: the gauges keep their last values, database_up says why
-    // A checked-out client has lost the pool's error listener: if the server goes away between two
-    // statements (a restart), its 'error' event would be unhandled and crash the daemon.
-    const onError = (): void => undefined;
-    client.on('error', onError);
-    let failed: Error | undefined;
     try {
-      await client.query('BEGIN');
-      await client.query("SET LOCAL statement_timeout = '5s'");
-      const { rows } = await client.query<{ tenant: string; pending: number; dead: number; queued: number; oldest_age: number }>(SAMPLE_QUEUE);
-      await client.query('COMMIT');
-      const samples: QueueSample[] = rows.map((r) => ({ tenant: r.tenant, pending: r.pending + r.queued, dead: r.dead, oldestAgeSeconds: Math.max(0, r.oldest_age) }));
-      this.options.metrics.setQueueSample(samples, rows.reduce((n, r) => n + r.queued, 0));
+      await withPoolClient(this.options.pool, async (client) => {
+        try {
+          await client.query('BEGIN');
+          await client.query("SET LOCAL statement_timeout = '5s'");
+          const { rows } = await client.query<{ tenant: string; pending: number; dead: number; queued: number; oldest_age: number }>(SAMPLE_QUEUE);
+          await client.query('COMMIT');
+          const samples: QueueSample[] = rows.map((r) => ({ tenant: r.tenant, pending: r.pending + r.queued, dead: r.dead, oldestAgeSeconds: Math.max(0, r.oldest_age) }));
+          this.options.metrics.setQueueSample(samples, rows.reduce((n, r) => n + r.queued, 0));
+        } catch (err) {
+          await client.query('ROLLBACK').catch(() => undefined);
+          throw err;
+        }
+      });
     } catch (err) {
-      failed = err instanceof Error ? err : new Error(String(err));
-      await client.query('ROLLBACK').catch(() => undefined);
-      this.options.logger.debug({ err: failed.message }, 'queue sample failed; gauges keep their last values');
-    } finally {
-      // After a failure the connection may be dead: the pool discards it rather than reuse it.
-      client.release(failed);
-      client.removeListener('error', onError);
+      // The database is down or slow: the gauges keep their last values, database_up says why.
+      this.options.logger.debug({ err: (err as Error).message }, 'queue sample failed; gauges keep their last values');
     }
   }
 

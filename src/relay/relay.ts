@@ -117,7 +117,7 @@ export class Relay extends EventEmitter<RelayEvents> {
   private readonly sendAbort = new AbortController();
 
   private accepting = false;
-  private started = false;
+  private starting: Promise<void> | undefined;
   private stopPromise: Promise<void> | undefined;
   private pumping: Promise<void> | undefined;
   private wanted = false;
@@ -200,9 +200,12 @@ export class Relay extends EventEmitter<RelayEvents> {
    * ENABLE_OUTBOX_PROCESSING=false). Resolves once running; database trouble is retried in the
    * background, never fatal.
    */
-  async start(): Promise<void> {
-    if (this.started) return;
-    this.started = true;
+  start(): Promise<void> {
+    this.starting ??= this.startOnce();
+    return this.starting;
+  }
+
+  private async startOnce(): Promise<void> {
     if (!this.config.relay.enabled) {
       this.log.info('standby: ENABLE_OUTBOX_PROCESSING=false, connected but claiming nothing');
       await this.checkDatabase();
@@ -216,7 +219,13 @@ export class Relay extends EventEmitter<RelayEvents> {
     } catch (err) {
       this.onDbError(err, 'starting');
     }
+    // A stop() that came while we were connecting wins: no listener, no timers.
+    if (!this.accepting) return;
     if (this.listener) await this.listener.start();
+    if (!this.accepting) {
+      await this.listener?.stop();
+      return;
+    }
     this.pollTimer = setInterval(() => {
       this.fanoutWanted = true;
       this.kick();
@@ -586,6 +595,8 @@ export class Relay extends EventEmitter<RelayEvents> {
 
   private async shutdown(): Promise<void> {
     this.accepting = false;
+    // Let a start that is under way finish (it sees accepting=false and stops short).
+    await this.starting?.catch(() => undefined);
     for (const t of [this.pollTimer, this.refreshTimer]) if (t) clearInterval(t);
     for (const t of [this.dueTimer, this.retryTimer]) if (t) clearTimeout(t);
     await this.listener?.stop().catch(() => undefined);
