@@ -344,3 +344,32 @@ t.test('secret rotation: during the grace period both secrets sign; afterwards o
   t.same(verifyWith([oldSecret, newSecret, newest], after.body, after.headers), [newest], 'only the newest secret verifies it');
   t.same([...byWebhookId(recv.requests).values()].map((l) => l.length), [1, 1, 1], 'each event sent once');
 });
+
+t.test('many sends in flight at once: all delivered concurrently, and Node warns of no listener leak', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('tc');
+  await createTenant(db, T);
+  let open = 0;
+  let maxOpen = 0;
+  const recv = await startReceiver(t, {
+    respond: async (req, res) => {
+      open++;
+      maxOpen = Math.max(maxOpen, open);
+      await new Promise((r) => setTimeout(r, 150));
+      open--;
+      answer(res, req.verified ? 200 : 401);
+    },
+  });
+  const sub = await subscribe(db, { tenant: T, userId: 5, url: recv.url('/many'), ordering: 'none', maxInFlight: 32 });
+  recv.secrets.push(sub.secret);
+  const warnings: string[] = [];
+  const onWarning = (w: Error) => warnings.push(`${w.name}: ${w.message}`);
+  process.on('warning', onWarning);
+  t.teardown(() => process.off('warning', onWarning));
+  await startRelay(t, db.url);
+  await db.query(`INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 60) AS g`);
+  await waitFor(() => recv.delivered.size === 60, 30_000, '60 deliveries', () => ({ delivered: recv.delivered.size }));
+  t.ok(maxOpen > 10, `more than ten requests were in flight at once (saw ${maxOpen})`);
+  t.same(warnings.filter((w) => w.startsWith('MaxListenersExceededWarning')), [], 'no MaxListenersExceededWarning');
+  t.equal(await unprocessed(db), 0, 'every event rolled up as processed');
+});

@@ -7,7 +7,7 @@
  * re-claim while work keeps coming, and a re-claim after every recorded batch of outcomes.
  * No transaction is open while a request is in flight: claims are leases (sql/005).
  */
-import { EventEmitter } from 'node:events';
+import { EventEmitter, setMaxListeners } from 'node:events';
 import type pg from 'pg';
 import type { Config } from '../config/schema.js';
 import { connectionOptions } from '../db/connection.js';
@@ -139,6 +139,9 @@ export class Relay extends EventEmitter<RelayEvents> {
     this.log = options.logger;
     this.cipher = options.cipher ?? plainCipher;
     this.random = options.random ?? Math.random;
+    // Every send in flight listens on the shutdown signal (and stops listening when it ends); more
+    // than ten at once is normal, not a leak.
+    setMaxListeners(0, this.sendAbort.signal);
     const w = this.config.webhook;
     this.sender = new WebhookSender({
       connectTimeoutMs: w.connectTimeoutMs,
