@@ -2,7 +2,7 @@
  * Validation of the pull API's input, as the seed lists it. Pure functions: each returns a typed value
  * or throws a 400 {@link ApiError} whose message names the offending field. Values are never
  * "sanitized" into SQL: they become query parameters, and the only identifiers that reach SQL come
- * from the whitelists here (see README, "Why no sanitizeSQL").
+ * from the whitelists here (see README, "Why there is no sanitizeSQL").
  */
 import { ApiError, invalidBody, invalidParameter, quoteForMessage } from './errors.js';
 
