@@ -246,13 +246,10 @@ t.test('numbers are strict', async (t) => {
   t.match(attempts.problems[0], 'RETRY_MAX_ATTEMPTS');
 });
 
-t.test('enums: RELAY_NOTIFY_MODE, NODE_ENV, LOG_LEVEL, DB_SSL, RELAY_SYNCHRONOUS_COMMIT', async (t) => {
-  const err = configError(t, { env: { RELAY_NOTIFY_MODE: 'loud', NODE_ENV: 'staging', LOG_LEVEL: 'verbose', DB_SSL: 'prefer', RELAY_SYNCHRONOUS_COMMIT: 'maybe' } });
+t.test('enums: RELAY_NOTIFY_MODE, NODE_ENV, LOG_LEVEL, DB_SSL', async (t) => {
+  const err = configError(t, { env: { RELAY_NOTIFY_MODE: 'loud', NODE_ENV: 'staging', LOG_LEVEL: 'verbose', DB_SSL: 'prefer' } });
   const all = err.problems.join('\n');
-  t.equal(err.problems.length, 5);
-  t.match(all, /RELAY_SYNCHRONOUS_COMMIT.*maybe/);
-  t.equal(loadConfig({ env: {} }).relay.synchronousCommit, '', "the server's setting by default");
-  t.equal(loadConfig({ env: { RELAY_SYNCHRONOUS_COMMIT: 'off' } }).relay.synchronousCommit, 'off');
+  t.equal(err.problems.length, 4);
   t.match(all, /RELAY_NOTIFY_MODE.*loud/);
   t.match(all, /NODE_ENV.*staging/);
   t.match(all, /LOG_LEVEL.*verbose/);

@@ -373,21 +373,3 @@ t.test('many sends in flight at once: all delivered concurrently, and Node warns
   t.same(warnings.filter((w) => w.startsWith('MaxListenersExceededWarning')), [], 'no MaxListenersExceededWarning');
   t.equal(await unprocessed(db), 0, 'every event rolled up as processed');
 });
-
-t.test('RELAY_SYNCHRONOUS_COMMIT=off: the relay\'s own connections commit asynchronously, the writers\' do not, and delivery is whole', async (t) => {
-  const db = await freshDatabase(t);
-  const T = tenantName('ts');
-  await createTenant(db, T);
-  const recv = await startReceiver(t);
-  const sub = await subscribe(db, { tenant: T, userId: 6, url: recv.url('/async') });
-  recv.secrets.push(sub.secret);
-  const { daemon } = await startRelay(t, db.url, { RELAY_SYNCHRONOUS_COMMIT: 'off' });
-  const SETTING = "SELECT setting, source FROM pg_catalog.pg_settings WHERE name = 'synchronous_commit'";
-  const relaySetting = await daemon.pool.query<{ setting: string; source: string }>(SETTING);
-  t.same(relaySetting.rows[0], { setting: 'off', source: 'client' }, 'relay pool: off, set by the relay at connect');
-  const writerSetting = await db.query<{ setting: string; source: string }>(SETTING);
-  t.not(writerSetting.rows[0]?.source, 'client', "a writer's connection keeps the server's setting");
-  await db.query(`INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 20) AS g`);
-  await waitFor(async () => recv.delivered.size === 20 && (await unprocessed(db)) === 0, 20_000, '20 deliveries rolled up', () => ({ delivered: recv.delivered.size }));
-  t.equal(await count(db, "SELECT count(*)::int AS n FROM public.event_acknowledgments WHERE status = 'processed'"), 20, 'acknowledged');
-});

@@ -148,12 +148,6 @@ export const schema = {
       default: 20_000,
       env: 'RELAY_SHUTDOWN_TIMEOUT_MS',
     },
-    synchronousCommit: {
-      doc: "`synchronous_commit` of the relay's own connections (fan-out, claims, outcomes; never the writers' events); empty: the server's setting. `off` saves a WAL flush per relay statement (about 5-10% more deliveries/s in `npm run bench`); a PostgreSQL crash (not a restart) may then forget the last moments of relay bookkeeping, which is redone: a few events are delivered twice, none is lost.",
-      format: ['', 'on', 'off'],
-      default: '',
-      env: 'RELAY_SYNCHRONOUS_COMMIT',
-    },
   },
   webhook: {
     timeoutMs: {
@@ -336,7 +330,6 @@ export interface Config {
     pollIntervalMs: number;
     notifyMode: NotifyMode;
     shutdownTimeoutMs: number;
-    synchronousCommit: '' | 'on' | 'off';
   };
   webhook: {
     timeoutMs: number;

@@ -51,7 +51,6 @@ export class RelayDaemon {
     const { config, logger } = options;
     this.pool = createPool(config.database, {
       statementTimeoutMs: config.database.statementTimeoutMs,
-      synchronousCommit: config.relay.synchronousCommit,
       onError: (err) => logger.warn({ err: err.message }, 'idle database connection failed; it will be replaced'),
     });
     this.relay = new Relay({

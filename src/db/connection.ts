@@ -39,8 +39,6 @@ export interface PoolOptions {
   applicationName?: string;
   /** statement_timeout for every connection of the pool (0 = none). */
   statementTimeoutMs?: number;
-  /** synchronous_commit for every connection of the pool (a startup option; the server's default when unset). */
-  synchronousCommit?: '' | 'on' | 'off';
   /** Called for errors of idle clients (a restarted server); without a handler they would crash the process. */
   onError?: (err: Error) => void;
 }
@@ -52,7 +50,6 @@ export function createPool(db: DatabaseConfig, options: PoolOptions = {}): pg.Po
     max: options.max ?? db.poolMax,
     idleTimeoutMillis: 30_000,
     ...(options.statementTimeoutMs ? { statement_timeout: options.statementTimeoutMs } : {}),
-    ...(options.synchronousCommit ? { options: `-c synchronous_commit=${options.synchronousCommit}` } : {}),
   });
   pool.on('error', (err) => options.onError?.(err));
   return pool;
