@@ -41,12 +41,18 @@ export async function ensureSchema(options: SchemaCheckOptions): Promise<void> {
       if (!isRetryableDbError(err)) throw toOutboxError(err);
       const delay = Math.min(10_000, 250 * 2 ** Math.min(attempt, 6));
       if (attempt === 1 || attempt % 10 === 0) options.logger.warn({ err: (err as Error).message, attempt, retryInMs: delay }, 'database not reachable yet; waiting');
+      // Wait, or stop waiting on abort; either way the abort listener goes (no pile-up while the
+      // database stays down).
       await new Promise<void>((resolve) => {
-        const t = setTimeout(resolve, delay);
-        options.signal.addEventListener('abort', () => {
+        const onAbort = (): void => {
           clearTimeout(t);
           resolve();
-        }, { once: true });
+        };
+        const t = setTimeout(() => {
+          options.signal.removeEventListener('abort', onAbort);
+          resolve();
+        }, delay);
+        options.signal.addEventListener('abort', onAbort, { once: true });
       });
     }
   }
