@@ -275,7 +275,7 @@ export const schema = {
       env: 'API_REQUEST_TIMEOUT_MS',
     },
     totalCacheMs: {
-      doc: 'How old `pagination.total` may be when more pages follow (counting a large tenant costs a scan; it is refreshed in the background). 0 counts on every request. The last page\'s total is always exact.',
+      doc: 'How long a count for `pagination.total` (when more pages follow) is reused before it is recounted in the background; an older count is answered once meanwhile. Counting a large tenant costs a scan. 0 counts on every request. The last page\'s total is always exact.',
       format: 'nat',
       default: 2_000,
       env: 'API_TOTAL_CACHE_MS',
