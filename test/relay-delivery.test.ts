@@ -6,7 +6,9 @@
  * history, and secret rotation.
  */
 import { once } from 'node:events';
+import pg from 'pg';
 import t from 'tap';
+import { POLL_SQL } from '../src/relay/relay.js';
 import { runCli } from './helpers/cli.js';
 import { freshDatabase, type TestDatabase } from './helpers/db.js';
 import { answer, startReceiver, verifyWith, type ReceivedRequest } from './helpers/receiver.js';
@@ -372,4 +374,19 @@ t.test('many sends in flight at once: all delivered concurrently, and Node warns
   t.ok(maxOpen > 10, `more than ten requests were in flight at once (saw ${maxOpen})`);
   t.same(warnings.filter((w) => w.startsWith('MaxListenersExceededWarning')), [], 'no MaxListenersExceededWarning');
   t.equal(await unprocessed(db), 0, 'every event rolled up as processed');
+});
+
+t.test('the poll statement commits asynchronously, for its own transaction only', async (t) => {
+  const db = await freshDatabase(t);
+  const client = new pg.Client({ connectionString: db.url });
+  await client.connect();
+  t.teardown(() => client.end());
+  const show = async () => (await client.query<{ synchronous_commit: string }>('SHOW synchronous_commit')).rows[0]?.synchronous_commit;
+  const before = await show();
+  await client.query('BEGIN');
+  const { rows } = await client.query(POLL_SQL, [10, [], [], [], 'test-worker']);
+  t.equal(rows.length, 1, 'nothing to do: only the summary row comes back (the filter keeps it)');
+  t.equal(await show(), 'off', 'off inside the poll\'s transaction');
+  await client.query('COMMIT');
+  t.equal(await show(), before, 'the session keeps its own setting after it');
 });

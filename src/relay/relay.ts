@@ -29,8 +29,16 @@ export const WAKEUP_CHANNEL = 'outbox_wakeup';
 /**
  * One round trip: fans out a batch of new events (leasing fresh deliveries within our capacity) and
  * claims due deliveries with the capacity left; the last row is a summary (see sql/005).
+ *
+ * Its transaction commits without waiting for the WAL flush (`synchronous_commit` off for this
+ * transaction only; the filter runs for every row, and there is always the summary row). This costs
+ * no guarantee: a delivery is sent after its claim, and its outcome commits synchronously, which
+ * flushes the claim too. So a PostgreSQL crash can only forget claims whose outcomes it also forgets,
+ * and those deliveries would be sent again anyway. A lane moves on only after a durable outcome, so
+ * order holds. Outcomes, releases and every other write keep the server's setting.
  */
-const POLL = 'SELECT * FROM public.outbox_poll($1, $2::bigint[], $3::int[], $4::int[], $5)';
+export const POLL_SQL = `SELECT p.* FROM public.outbox_poll($1, $2::bigint[], $3::int[], $4::int[], $5) AS p
+WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL`;
 /** When the next ready delivery of these subscriptions falls due. */
 const NEXT_DUE = 'SELECT extract(epoch FROM public.outbox_next_due($1::bigint[])) * 1000 AS at';
 /** Gives back leases that were never used. */
@@ -314,7 +322,7 @@ export class Relay extends EventEmitter<RelayEvents> {
       this.fanoutWanted = false;
       const t0 = performance.now();
       const leases = ids.map((id) => this.leaseFor(id));
-      const { rows } = await this.pool.query<ClaimedRow>(POLL, [batch, ids, caps, leases, this.config.relay.workerId]);
+      const { rows } = await this.pool.query<ClaimedRow>(POLL_SQL, [batch, ids, caps, leases, this.config.relay.workerId]);
       const ms = performance.now() - t0;
       const summary = rows.pop();
       const fanned = summary?.max_attempts ?? 0;
