@@ -16,6 +16,7 @@ import { ConfigError, UsageError } from '../errors.js';
 import { createLogger } from '../log.js';
 import type { CommandContext } from './context.js';
 import { requireMigrated } from './requireSchema.js';
+import { runUntilSignalled } from './untilSignalled.js';
 
 /** JWT_SECRET must be there (and strong, in production) for anything that signs or checks tokens. */
 function requireJwtSecret(config: Config): void {
@@ -46,28 +47,7 @@ export function registerApiCommands(program: Command, ctx: () => CommandContext)
       requireJwtSecret(config);
       const logger = createLogger({ level: config.log.level, fd: 1 }).child({ component: 'api' });
       const sidecar = new ApiSidecar({ config, logger });
-      let signals = 0;
-      const stopped = new Promise<void>((resolve) => {
-        const onSignal = (signal: NodeJS.Signals): void => {
-          signals++;
-          if (signals > 1) {
-            logger.warn({ signal }, 'second signal: exiting now');
-            process.exit(signal === 'SIGINT' ? 130 : 143);
-          }
-          logger.info({ signal }, 'stopping: finishing requests in progress');
-          void sidecar.stop().then(resolve);
-        };
-        process.on('SIGTERM', onSignal);
-        process.on('SIGINT', onSignal);
-      });
-      try {
-        await sidecar.start();
-      } catch (err) {
-        await sidecar.stop();
-        if (signals > 0) return;
-        throw err;
-      }
-      await stopped;
+      await runUntilSignalled(sidecar, logger, 'stopping: finishing requests in progress');
       logger.info('stopped');
       logger.flush();
     });
