@@ -4,7 +4,6 @@
  * tokens, and a snapshot of the tables an attacker must not be able to change.
  */
 import { createHmac, randomBytes } from 'node:crypto';
-import { Writable } from 'node:stream';
 import pg from 'pg';
 import { authSettings, mintToken } from '../../src/api/auth.js';
 import { createApiRole } from '../../src/api/createRole.js';
@@ -15,40 +14,10 @@ import { loadConfig } from '../../src/config/load.js';
 import type { Config } from '../../src/config/schema.js';
 import { createLogger } from '../../src/log.js';
 import { adminUrl, databaseUrl, type TestContext, type TestDatabase } from './db.js';
+import { LogLines } from './logLines.js';
 
-/** Captured JSON log lines (pino). */
-export class LogLines {
-  readonly lines: Array<Record<string, unknown>> = [];
-  private partial = '';
-  readonly stream = new Writable({
-    write: (chunk: Buffer, _enc, cb) => {
-      this.push(chunk.toString('utf8'));
-      cb();
-    },
-  });
+export { LogLines };
 
-  push(text: string): void {
-    const parts = (this.partial + text).split('\n');
-    this.partial = parts.pop() ?? '';
-    for (const line of parts) {
-      if (!line.trim()) continue;
-      try {
-        this.lines.push(JSON.parse(line) as Record<string, unknown>);
-      } catch {
-        this.lines.push({ msg: line, unparsed: true });
-      }
-    }
-  }
-
-  has(msg: string): boolean {
-    return this.lines.some((l) => l.msg === msg);
-  }
-
-  /** Lines at level error (50) or above. */
-  errors(): Array<Record<string, unknown>> {
-    return this.lines.filter((l) => typeof l.level === 'number' && l.level >= 50);
-  }
-}
 
 /** Polls `cond` until it holds; fails with `what` (and `describe()`) after `timeoutMs`. */
 export async function waitFor(cond: () => boolean | Promise<boolean>, timeoutMs: number, what: string, describe?: () => unknown): Promise<void> {

@@ -6,7 +6,6 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { Writable } from 'node:stream';
 import pg from 'pg';
 import { loadConfig } from '../../src/config/load.js';
 import type { Config } from '../../src/config/schema.js';
@@ -18,6 +17,9 @@ import { generateSigningSecret } from '../../src/webhook/secret.js';
 import { packageVersion } from '../../src/cli/version.js';
 import { CLI, cleanEnv } from './cli.js';
 import type { TestContext, TestDatabase } from './db.js';
+import { LogLines } from './logLines.js';
+
+export { LogLines };
 
 /** Small timings, so retries, leases and circuits play out within seconds. */
 export const FAST_ENV: Readonly<Record<string, string>> = {
@@ -63,40 +65,6 @@ export async function waitFor(cond: () => boolean | Promise<boolean>, timeoutMs:
       throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${detail}`);
     }
     await new Promise((r) => setTimeout(r, 25));
-  }
-}
-
-/** Captured JSON log lines (pino). */
-export class LogLines {
-  readonly lines: Array<Record<string, unknown>> = [];
-  private partial = '';
-  readonly stream = new Writable({
-    write: (chunk: Buffer, _enc, cb) => {
-      this.push(chunk.toString('utf8'));
-      cb();
-    },
-  });
-
-  push(text: string): void {
-    const parts = (this.partial + text).split('\n');
-    this.partial = parts.pop() ?? '';
-    for (const line of parts) {
-      if (!line.trim()) continue;
-      try {
-        this.lines.push(JSON.parse(line) as Record<string, unknown>);
-      } catch {
-        this.lines.push({ msg: line, unparsed: true });
-      }
-    }
-  }
-
-  has(msg: string | RegExp): boolean {
-    return this.lines.some((l) => (typeof msg === 'string' ? l.msg === msg : msg.test(String(l.msg))));
-  }
-
-  /** Lines at level error (50) or above. */
-  errors(): Array<Record<string, unknown>> {
-    return this.lines.filter((l) => typeof l.level === 'number' && l.level >= 50);
   }
 }
 
