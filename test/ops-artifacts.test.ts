@@ -4,37 +4,19 @@
  * container image uses: a clean copy of the repository plus the build, `npm ci --omit=dev`, then the
  * CLI runs (`--help`, `migrate`) without any dev dependency.
  */
-import { spawn } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import t from 'tap';
 import { cleanEnv } from './helpers/cli.js';
+import { runProcess, which, type ProcessResult } from './helpers/process.js';
 import { freshDatabase } from './helpers/db.js';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 
-function run(cmd: string, args: string[], options: { cwd?: string; env?: Record<string, string>; timeoutMs?: number } = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { cwd: options.cwd ?? root, env: options.env ?? process.env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 60_000);
-    child.on('error', reject);
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
-
-/** An executable on PATH or in /usr/bin, or undefined. */
-function which(name: string): string | undefined {
-  const dirs = [...(process.env.PATH ?? '').split(':').filter(Boolean), '/usr/bin', '/usr/local/bin', '/bin'];
-  return dirs.map((d) => join(d, name)).find((p) => existsSync(p));
+function run(cmd: string, args: string[], options: { cwd?: string; env?: Record<string, string>; timeoutMs?: number } = {}): Promise<ProcessResult> {
+  return runProcess(cmd, args, { ...options, cwd: options.cwd ?? root });
 }
 
 const units = readdirSync(join(root, 'systemd')).filter((f) => f.endsWith('.service')).map((f) => join('systemd', f)).sort();

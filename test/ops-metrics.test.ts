@@ -5,34 +5,13 @@
  * PostgreSQL, stopped and started again under a running daemon); an open circuit shows in /metrics
  * and in `outbox-relay status`.
  */
-import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
-import { join } from 'node:path';
 import t from 'tap';
 import { freePort, startEmbeddedPostgres } from '../src/db/embeddedPostgres.js';
 import { runCli } from './helpers/cli.js';
+import { runProcess, which } from './helpers/process.js';
 import { freshDatabase } from './helpers/db.js';
 import { answer, startReceiver } from './helpers/receiver.js';
 import { count, createTenant, spawnRelay, subscribe, tenantName, waitFor, writeAll, type RelayProcess } from './helpers/relay.js';
-
-/** promtool from PATH (Debian's `prometheus` package puts it in /usr/bin). */
-function findPromtool(): string | undefined {
-  const dirs = [...(process.env.PATH ?? '').split(':').filter(Boolean), '/usr/bin', '/usr/local/bin'];
-  return dirs.map((d) => join(d, 'promtool')).find((p) => existsSync(p));
-}
-
-function runTool(cmd: string, args: string[], input = ''): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code, stdout, stderr }));
-    child.stdin.end(input);
-  });
-}
 
 interface Sample {
   name: string;
@@ -89,7 +68,7 @@ async function waitForPort(relay: RelayProcess, base: string): Promise<void> {
 }
 
 t.test('a live daemon: /metrics passes promtool, carries the relay series with bounded labels; circuit open in /metrics and status', async (t) => {
-  const promtool = findPromtool();
+  const promtool = which('promtool');
   if (!promtool) {
     t.fail('promtool not found on PATH or in /usr/bin: install the Debian package "prometheus" (CI installs it); /metrics cannot be checked without it');
     return;
@@ -140,7 +119,7 @@ t.test('a live daemon: /metrics passes promtool, carries the relay series with b
   const scrape = await get(base, '/metrics');
   t.equal(scrape.status, 200, '/metrics answers 200');
   t.match(scrape.contentType, /^text\/plain; version=0\.0\.4/, 'in the Prometheus text format');
-  const checked = await runTool(promtool, ['check', 'metrics'], scrape.text);
+  const checked = await runProcess(promtool, ['check', 'metrics'], { input: scrape.text });
   t.equal(checked.code, 0, `promtool check metrics passes${checked.code === 0 ? '' : `: ${checked.stdout}${checked.stderr}`}`);
 
   const s = parseMetrics(scrape.text);

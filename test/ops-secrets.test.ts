@@ -4,11 +4,11 @@
  * Webhooks library verifies; key rotation with `subscriptions reencrypt`; a missing or wrong key is a
  * clear error; production refuses to run without a key; outside production one warning.
  */
-import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import t from 'tap';
 import { runCli } from './helpers/cli.js';
+import { runProcess } from './helpers/process.js';
 import { freshDatabase, type TestContext, type TestDatabase } from './helpers/db.js';
 import { startReceiver } from './helpers/receiver.js';
 import { count, createTenant, relayEnv, spawnRelay, tenantName, waitFor, writeAll } from './helpers/relay.js';
@@ -27,18 +27,6 @@ async function storedSecrets(db: TestDatabase): Promise<StoredSecret[]> {
   return (await db.query<StoredSecret>('SELECT id::text, subscription_id::text, secret, expires_at FROM public.outbox_subscription_secrets ORDER BY id')).rows;
 }
 
-function runTool(cmd: string, args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code, stdout, stderr }));
-  });
-}
-
 /**
  * What a dump of the database holds: pg_dump's output when the installed pg_dump can dump this server
  * (it must be as new as the server), and in any case every row of every table as text.
@@ -49,10 +37,10 @@ async function dumpDatabase(db: TestDatabase): Promise<{ text: string; how: stri
   let text = '';
   const how: string[] = [];
   if (existsSync('/usr/bin/pg_dump')) {
-    const version = await runTool('/usr/bin/pg_dump', ['--version']);
+    const version = await runProcess('/usr/bin/pg_dump', ['--version']);
     const dumpMajor = Number(/(\d+)\.\d+/.exec(version.stdout)?.[1] ?? 0);
     if (dumpMajor >= serverMajor) {
-      const dump = await runTool('/usr/bin/pg_dump', ['--dbname', db.url, '--no-owner']);
+      const dump = await runProcess('/usr/bin/pg_dump', ['--dbname', db.url, '--no-owner']);
       if (dump.code !== 0) throw new Error(`pg_dump failed: ${dump.stderr}`);
       text += dump.stdout;
       how.push(`pg_dump ${dumpMajor}`);

@@ -19,7 +19,7 @@ import { WebhookSender, type SendResult } from '../webhook/sendWebhook.js';
 import { webhookId } from '../webhook/signPayload.js';
 import { CircuitBreaker, type CircuitState } from './circuitBreaker.js';
 import { CompletionBuffer, type CompletionItem } from './completionBuffer.js';
-import { eventBody } from './eventBody.js';
+import { eventBody, type EventFields } from './eventBody.js';
 import { decideOutcome, type Outcome } from './outcome.js';
 import { loadActiveSubscriptions, signingKeys, type ActiveSubscription } from './subscriptionCache.js';
 import { WakeupListener } from './wakeupListener.js';
@@ -50,17 +50,12 @@ WHERE notify_mode IS DISTINCT FROM $1 OR max_attempts IS DISTINCT FROM $2`;
 /** "A relay is waiting: writers, please NOTIFY" (only used with notify mode idle). */
 const SET_IDLE = 'UPDATE public.outbox_relay_state SET relay_idle = $1, updated_at = now() WHERE relay_idle IS DISTINCT FROM $1';
 
-interface ClaimedRow {
+/** A leased delivery: the event's body fields (its id as event_id) and the attempt. */
+interface ClaimedRow extends Omit<EventFields, 'id'> {
   event_id: string;
   subscription_id: string;
   attempt: number;
   max_attempts: number;
-  tenant: string;
-  event_type: string;
-  aggregate_id: string;
-  aggregate_type: string;
-  payload: string;
-  created_at: string;
 }
 
 /** One finished attempt, as reported to metrics and logs. */

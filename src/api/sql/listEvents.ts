@@ -5,6 +5,7 @@
  * One statement: confined by outbox_api_begin (see eventFilters.ts), then the page.
  */
 import type pg from 'pg';
+import type { EventFields } from '../../relay/eventBody.js';
 import type { ListQuery, OrderBy } from '../validation.js';
 import { BEGIN_FROM, eventWhere } from './eventFilters.js';
 
@@ -17,14 +18,8 @@ const ORDER_COLUMNS: Readonly<Record<OrderBy, string>> = {
   status: 'e.status',
 };
 
-export interface EventRow {
-  id: string;
-  tenant: string;
-  event_type: string;
-  aggregate_id: string;
-  aggregate_type: string;
-  payload: string;
-  created_at: string;
+/** The webhook body's fields (one definition, so push and pull cannot drift) and the derived status. */
+export interface EventRow extends EventFields {
   status: string;
 }
 
