@@ -85,6 +85,7 @@ t.test('request deadline: 503, and the query is cancelled by statement_timeout',
   const took = Date.now() - started;
   t.equal(res.status, 503);
   t.same(res.json, { error: { code: 'timeout', message: 'request took too long' } });
+  t.equal(res.headers.get('retry-after'), '1', 'the timeout tells the client when to try again');
   t.ok(took < 2_000, `answered at the deadline, not after the 3 s query (${took} ms)`);
   // The connection comes back to the pool once statement_timeout cancels the query.
   await waitFor(() => api.pool.idleCount === api.pool.totalCount, 5_000, 'the pool to get its connection back', () => ({ idle: api.pool.idleCount, total: api.pool.totalCount }));

@@ -142,8 +142,9 @@ export class ApiServer {
     const timer = setTimeout(() => {
       if (res.headersSent) return;
       state.code = 'timeout';
-      // The work goes on until its statement_timeout; the client is answered now.
-      sendError(res, new ApiError(503, 'timeout', 'request took too long'), { connection: 'close' });
+      // The work goes on until its statement_timeout; the client is answered now, and told when to
+      // try again (a busy sidecar or database usually clears within a second).
+      sendError(res, new ApiError(503, 'timeout', 'request took too long', { 'retry-after': '1' }), { connection: 'close' });
     }, this.api.requestTimeoutMs);
     res.on('close', () => {
       clearTimeout(timer);
