@@ -47,6 +47,12 @@ export interface RunFigures {
   problems: string[];
 }
 
+/**
+ * Latency of paced single-row writes, in ms. The main figures run from the moment the writer's commit
+ * was acknowledged to the receipt of the webhook (commit-to-receiver); `fromInsert` runs from just
+ * before the INSERT was sent, so it adds the writer's own statement and commit (the WAL flush), and
+ * `commit` is that part alone.
+ */
 export interface LatencyFigures {
   rows: number;
   missing: number;
@@ -55,6 +61,8 @@ export interface LatencyFigures {
   p99: number;
   max: number;
   mean: number;
+  fromInsert: { p50: number; p99: number; max: number };
+  commit: { p50: number; p99: number; max: number };
 }
 
 export interface WriterFigures {

@@ -156,12 +156,19 @@ export async function runWriters(url: string, options: { connections: number; du
   }
 }
 
+/** performance.now() per row id: just before its INSERT was sent, and when its commit was acknowledged. */
+export interface PacedWrites {
+  sent: Map<number, number>;
+  committed: Map<number, number>;
+}
+
 /**
  * One row every `intervalMs` (single-row INSERT, its own transaction) with ids first..; records
- * performance.now() just before each INSERT is sent.
+ * performance.now() just before each INSERT is sent and when the server acknowledged its commit.
  */
-export async function pacedWriter(url: string, tenant: string, first: number, count: number, intervalMs: number): Promise<Map<number, number>> {
+export async function pacedWriter(url: string, tenant: string, first: number, count: number, intervalMs: number): Promise<PacedWrites> {
   const sent = new Map<number, number>();
+  const committed = new Map<number, number>();
   const c = new pg.Client({ connectionString: url, statement_timeout: 10_000 });
   c.on('error', () => undefined);
   await c.connect();
@@ -176,11 +183,12 @@ export async function pacedWriter(url: string, tenant: string, first: number, co
       query.values = [id, ROW_DATA];
       sent.set(id, performance.now());
       await c.query(query);
+      committed.set(id, performance.now());
     }
   } finally {
     await c.end().catch(() => undefined);
   }
-  return sent;
+  return { sent, committed };
 }
 
 /** Latencies (ms) of the rows that arrived, and how many did not. */
