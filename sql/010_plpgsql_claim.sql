@@ -1,16 +1,14 @@
--- 010: the relay's hot functions stop planning their statements on every call. Same statements, same
--- results as 005_relay_functions.sql; measured on PostgreSQL 15 with one event at a time (server
--- log durations, medians): a poll that fans out and claims one event 1.3 -> 0.8 ms, an empty poll
--- 0.6 -> 0.2 ms, an outcome 1.35 -> 0.84 ms; commit-to-receiver 3.1 -> 2.4 ms.
+-- 010: outbox_claim in PL/pgSQL, so that its statement is planned once per connection (with the
+-- default plan_cache_mode, PL/pgSQL then chooses between custom and generic plans by cost). A
+-- SQL-language function that cannot be inlined (it has SET clauses and writes) is planned again on
+-- every call before PostgreSQL 18; outbox_poll calls it on every round, so every claim paid about
+-- 0.4 ms of planning for about 0.01 ms of work when little is due (auto_explain on PostgreSQL 15; an
+-- empty poll went from about 0.85 to 0.4 ms). Same statement, same results as 005_relay_functions.sql.
 --
--- * outbox_claim in PL/pgSQL. A SQL-language function that cannot be inlined (it has SET clauses and
---   writes) is planned again on every call before PostgreSQL 18; outbox_poll calls it on every
---   round, so every claim paid about 0.4 ms of planning for about 0.01 ms of work when little is due.
--- * outbox_poll and outbox_complete use generic plans from the first call. PL/pgSQL caches a plan
---   per statement, but with the default plan_cache_mode it keeps re-planning custom plans whenever it
---   estimates a generic one to be dearer, which is what these large statements over arrays of
---   unknown size get. Their plans do not depend on the values: every table is reached by key
---   (enable_seqscan is off in both), so re-planning bought nothing.
+-- Tried and not done: forcing generic plans on outbox_poll and outbox_complete. It made a poll with
+-- one event 1.3 -> 0.8 ms, but a fan-out of 1,000 events from a 200,000-event backlog 14 -> 45 ms,
+-- and a backlog drain collapsed from about 2,300 to 42 deliveries/s: their custom plans do depend on
+-- the batch size and the arrays' lengths.
 CREATE OR REPLACE FUNCTION public.outbox_claim(subscription_ids bigint[], capacities integer[], leases_ms integer[], worker text)
 RETURNS SETOF public.outbox_claimed
 LANGUAGE plpgsql
@@ -45,6 +43,3 @@ BEGIN
 END
 $fn$;
 
-ALTER FUNCTION public.outbox_poll(integer, bigint[], integer[], integer[], text) SET plan_cache_mode = force_generic_plan;
-ALTER FUNCTION public.outbox_complete(text, bigint[], bigint[], integer[], text[], integer[], text[], bigint[], integer[])
-    SET plan_cache_mode = force_generic_plan;
