@@ -102,7 +102,7 @@ export function buildRows(r: Results, opts: Options): Row[] {
       what: "the same from the INSERT sent (adds the writer's own commit), p50 / p99",
       ours: `${ms(r.latency.fromInsert.p50)} / ${ms(r.latency.fromInsert.p99)}`,
       peer: pl ? `${ms(pl.fromInsert.p50)} / ${ms(pl.fromInsert.p99)}` : 'not run',
-      ratio: pl ? times(r.latency.fromInsert.p50 / pl.fromInsert.p50) : '-',
+      ratio: pl ? `${times(r.latency.fromInsert.p50 / pl.fromInsert.p50)} (p50)` : '-',
       target: '(info)',
       met: '-',
     });

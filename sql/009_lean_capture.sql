@@ -3,11 +3,17 @@
 -- 003_capture.sql; what changed, measured with pgbench at 8 writers on 2 cores (CHANGELOG, README):
 --
 -- * Captured events carry no dedupe_key (NULL), as the seed's own trigger does. 003 wrote
---   xid:statement:relid:op:md5(key) and inserted with ON CONFLICT (dedupe_key) DO NOTHING, but a
---   statement-level trigger fires once per statement, so that key could never meet a duplicate: it
---   only cost a session counter, an md5 per row and a speculative insertion (an index probe and an
---   extra WAL record) per event. The column and its UNIQUE constraint stay, for events an
---   application writes itself.
+--   xid:statement:relid:op:md5(key) and inserted with ON CONFLICT (dedupe_key) DO NOTHING. A
+--   statement-level trigger fires once per statement and a row changes at most once per statement,
+--   so that key met a duplicate only when two rows of one statement rendered the same key; then 003
+--   silently dropped all but one of them. It cost a session counter, an md5 per row and a
+--   speculative insertion (an index probe and an extra WAL record) per event. The column and its
+--   UNIQUE constraint stay, for events an application writes itself.
+-- * UPDATE pairs old and new rows by the key's JSON value (so a jsonb key 1 is not paired with "1"),
+--   and a row whose key columns are missing from it (the trigger's arguments are stale: the key was
+--   renamed or redefined while no event trigger re-installed capture) is paired by its whole content
+--   instead. A changed row is then captured as a delete and an insert, never lost, and one statement
+--   can no longer pair every old row with every new one.
 -- * The settings row is read inside the one statement that writes the events and the fan-out queue
 --   (one executor run per capturing statement instead of three).
 --
@@ -66,8 +72,9 @@ BEGIN
                coalesce((SELECT cfg.notify_mode = 'always' OR (cfg.notify_mode = 'idle' AND cfg.relay_idle) FROM cfg), true)
         INTO inserted, notify;
     ELSE
-        -- Old and new rows are paired by primary key. A row whose key changed has no partner: it is
-        -- captured as a delete of the old key and an insert of the new one (aggregates are keyed).
+        -- Old and new rows are paired by primary key (pk: see the header). A row whose key changed has
+        -- no partner: it is captured as a delete of the old key and an insert of the new one
+        -- (aggregates are keyed).
         -- A pair whose data did not change produces no event (compared as text when jsonb says
         -- equal: 1.0 -> 1.00 is a change). Events of one statement are numbered in key order.
         WITH cfg AS (SELECT s.notify_mode, s.relay_idle, s.max_attempts FROM public.outbox_relay_state AS s),
@@ -81,9 +88,17 @@ BEGIN
             FROM (
                 SELECT o.j AS oj, n.j AS nj, coalesce(n.k, o.k) AS k,
                        CASE WHEN o.j IS NULL THEN 'insert' WHEN n.j IS NULL THEN 'delete' ELSE 'update' END AS kind
-                FROM (SELECT t.j, CASE WHEN single_key IS NOT NULL THEN coalesce(t.j ->> single_key, '') ELSE public.outbox_key_of(t.j, key_columns) END AS k FROM (SELECT to_jsonb(old_row.*) AS j FROM outbox_old AS old_row) AS t) AS o
-                FULL JOIN (SELECT t.j, CASE WHEN single_key IS NOT NULL THEN coalesce(t.j ->> single_key, '') ELSE public.outbox_key_of(t.j, key_columns) END AS k FROM (SELECT to_jsonb(new_row.*) AS j FROM outbox_new AS new_row) AS t) AS n
-                    ON o.k = n.k
+                FROM (SELECT t.j, CASE WHEN single_key IS NOT NULL THEN coalesce(t.j ->> single_key, '') ELSE public.outbox_key_of(t.j, key_columns) END AS k,
+                             CASE WHEN NOT (t.j ?& key_columns) THEN 'row:' || md5(t.j::text)
+                                  WHEN single_key IS NOT NULL THEN (t.j -> single_key)::text
+                                  ELSE public.outbox_key_of(t.j, key_columns) END AS pk
+                      FROM (SELECT to_jsonb(old_row.*) AS j FROM outbox_old AS old_row) AS t) AS o
+                FULL JOIN (SELECT t.j, CASE WHEN single_key IS NOT NULL THEN coalesce(t.j ->> single_key, '') ELSE public.outbox_key_of(t.j, key_columns) END AS k,
+                                  CASE WHEN NOT (t.j ?& key_columns) THEN 'row:' || md5(t.j::text)
+                                       WHEN single_key IS NOT NULL THEN (t.j -> single_key)::text
+                                       ELSE public.outbox_key_of(t.j, key_columns) END AS pk
+                           FROM (SELECT to_jsonb(new_row.*) AS j FROM outbox_new AS new_row) AS t) AS n
+                    ON o.pk = n.pk
             ) AS p
             WHERE p.oj IS DISTINCT FROM p.nj OR p.oj::text <> p.nj::text
             ORDER BY p.k
@@ -101,3 +116,6 @@ BEGIN
     RETURN NULL;
 END
 $fn$;
+
+COMMENT ON COLUMN public.outbox_events.dedupe_key IS
+    'NULL for captured events (a statement-level trigger never captures a change twice); unique when an application sets it.';

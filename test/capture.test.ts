@@ -1,6 +1,6 @@
 /**
- * Change capture (sql/003_capture.sql): the events the triggers write, their payload, keys, dedupe
- * keys and notifications, against a real PostgreSQL.
+ * Change capture (sql/003_capture.sql, its function replaced by sql/009_lean_capture.sql): the events
+ * the triggers write, their payload, aggregate keys and notifications, against a real PostgreSQL.
  */
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
@@ -591,6 +591,42 @@ t.test('notify_mode: always, idle (only while a relay is idle) and off', async (
   await c.query(`UPDATE tenant_a.items SET v = 'z' WHERE id = $1`, [id]);
   await c.query('COMMIT');
   t.same((await l.drain()).sort(), ['tenant_a:items_insert', 'tenant_a:items_update'], 'one notification per distinct payload per transaction');
+
+  // No settings row at all (no relay ever wrote one and someone emptied the table): notify, and
+  // stamp the default of 20 attempts.
+  await db.query('DELETE FROM public.outbox_relay_state');
+  await db.query('DELETE FROM public.outbox_events');
+  await write();
+  t.same(await l.drain(), ['tenant_a:items_insert'], 'no settings row: notifies');
+  const { rows } = await db.query<{ max_attempts: number }>('SELECT max_attempts FROM public.outbox_events');
+  t.same(rows, [{ max_attempts: 20 }], 'no settings row: max_attempts 20');
+  await db.query(`INSERT INTO public.outbox_relay_state (notify_mode, relay_idle, max_attempts) VALUES ('idle', false, 7)`);
+  await write();
+  const { rows: stamped } = await db.query<{ max_attempts: number }>('SELECT max_attempts FROM public.outbox_events ORDER BY id DESC LIMIT 1');
+  t.same(stamped, [{ max_attempts: 7 }], 'each event carries the max_attempts the relays set');
+});
+
+t.test('stale trigger arguments (the key column is gone): every change is captured, none paired with another row', async (t) => {
+  const db = await freshDatabase(t);
+  await db.query(`CREATE SCHEMA tenant_a; CREATE TABLE tenant_a.items (id integer PRIMARY KEY, v text)`);
+  // As if the key had been renamed while no event trigger re-installed capture: the triggers name a
+  // key column the rows no longer have.
+  const triggers: Array<[string, string]> = [['INSERT', 'NEW TABLE AS outbox_new'], ['UPDATE', 'OLD TABLE AS outbox_old NEW TABLE AS outbox_new'], ['DELETE', 'OLD TABLE AS outbox_old']];
+  for (const [op, ref] of triggers) {
+    await db.query(`CREATE TRIGGER outbox_capture_${op.toLowerCase()} AFTER ${op} ON tenant_a.items REFERENCING ${ref} FOR EACH STATEMENT EXECUTE FUNCTION public.outbox_capture('old_id')`);
+  }
+  await db.query(`INSERT INTO tenant_a.items SELECT g, 'v' || g FROM generate_series(1, 3) g`);
+  t.equal(await eventCount(db, `event_type = 'items_insert'`), 3, 'three inserts, three events (003 kept one: they shared the empty key)');
+  await db.query('DELETE FROM public.outbox_events');
+
+  await db.query(`UPDATE tenant_a.items SET v = v || '!' WHERE id <= 2`);
+  const ev = await events(db);
+  t.same(ev.map((e) => e.event_type).sort(), ['items_delete', 'items_delete', 'items_insert', 'items_insert'],
+    'two changed rows: each a delete and an insert, not 2 x 2 pairings of unrelated rows');
+  t.same(ev.filter((e) => e.event_type === 'items_insert').map((e) => e.payload.new_data?.v).sort(), ['v1!', 'v2!'], 'the new data of both rows');
+  await db.query('DELETE FROM public.outbox_events');
+  await db.query(`UPDATE tenant_a.items SET v = v`);
+  t.equal(await eventCount(db), 0, 'an update that changes nothing still makes no event');
 });
 
 t.test('re-running install is harmless: still three triggers and one event per change', async (t) => {

@@ -392,12 +392,12 @@ t.test('the poll statement commits asynchronously, for its own transaction only'
   t.equal(await show(), 'on', 'the session keeps its own setting after it');
 });
 
-t.test('outbox_claim is PL/pgSQL, so its plan is cached per connection (sql/010)', async (t) => {
+t.test('outbox_claim is PL/pgSQL, so its statement stays prepared per connection (sql/010)', async (t) => {
   const db = await freshDatabase(t);
   const { rows } = await db.query<{ lang: string; config: string[] | null }>(`
     SELECT l.lanname AS lang, p.proconfig AS config
     FROM pg_proc AS p JOIN pg_language AS l ON l.oid = p.prolang
     WHERE p.oid = 'public.outbox_claim(bigint[], integer[], integer[], text)'::regprocedure`);
-  t.equal(rows[0]?.lang, 'plpgsql', 'a SQL function that cannot be inlined is planned on every call');
+  t.equal(rows[0]?.lang, 'plpgsql', 'a SQL function that cannot be inlined is parsed and planned on every call');
   t.ok((rows[0]?.config ?? []).some((s) => /^search_path=pg_catalog,\s*pg_temp$/.test(s)), 'search_path stays pinned');
 });
