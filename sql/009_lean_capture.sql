@@ -16,6 +16,9 @@
 --   can no longer pair every old row with every new one.
 -- * The settings row is read inside the one statement that writes the events and the fan-out queue
 --   (one executor run per capturing statement instead of three).
+-- * Each row is rendered as JSON once. The planner pulls a plain subquery up into its parent and
+--   copies its expressions to every reference, so 003 ran to_jsonb(row) for the payload and again for
+--   the key (an UPDATE more often still); OFFSET 0 keeps those subqueries, and the key's, apart.
 --
 -- Rendering settings stay pinned (timestamps in UTC, ISO dates inside ranges, hex bytea,
 -- shortest-exact floats) and the function stays SECURITY DEFINER with a fixed search_path, so
@@ -50,7 +53,7 @@ BEGIN
                                       'timestamp', now(), 'old_data', NULL, 'new_data', r.j, 'changed_fields', NULL),
                    coalesce((SELECT cfg.max_attempts FROM cfg), 20)
             FROM (SELECT t.j, CASE WHEN single_key IS NOT NULL THEN coalesce(t.j ->> single_key, '') ELSE public.outbox_key_of(t.j, key_columns) END AS k
-                  FROM (SELECT to_jsonb(new_row.*) AS j FROM outbox_new AS new_row) AS t) AS r
+                  FROM (SELECT to_jsonb(new_row.*) AS j FROM outbox_new AS new_row OFFSET 0) AS t) AS r
             RETURNING id),
         q AS (INSERT INTO public.outbox_fanout_queue (event_id) SELECT ev.id FROM ev RETURNING 1)
         SELECT (SELECT count(*) FROM q),
@@ -65,7 +68,7 @@ BEGIN
                                       'timestamp', now(), 'old_data', r.j, 'new_data', NULL, 'changed_fields', NULL),
                    coalesce((SELECT cfg.max_attempts FROM cfg), 20)
             FROM (SELECT t.j, CASE WHEN single_key IS NOT NULL THEN coalesce(t.j ->> single_key, '') ELSE public.outbox_key_of(t.j, key_columns) END AS k
-                  FROM (SELECT to_jsonb(old_row.*) AS j FROM outbox_old AS old_row) AS t) AS r
+                  FROM (SELECT to_jsonb(old_row.*) AS j FROM outbox_old AS old_row OFFSET 0) AS t) AS r
             RETURNING id),
         q AS (INSERT INTO public.outbox_fanout_queue (event_id) SELECT ev.id FROM ev RETURNING 1)
         SELECT (SELECT count(*) FROM q),
@@ -88,16 +91,18 @@ BEGIN
             FROM (
                 SELECT o.j AS oj, n.j AS nj, coalesce(n.k, o.k) AS k,
                        CASE WHEN o.j IS NULL THEN 'insert' WHEN n.j IS NULL THEN 'delete' ELSE 'update' END AS kind
-                FROM (SELECT t.j, CASE WHEN single_key IS NOT NULL THEN coalesce(t.j ->> single_key, '') ELSE public.outbox_key_of(t.j, key_columns) END AS k,
-                             CASE WHEN NOT (t.j ?& key_columns) THEN 'row:' || md5(t.j::text)
-                                  WHEN single_key IS NOT NULL THEN (t.j -> single_key)::text
-                                  ELSE public.outbox_key_of(t.j, key_columns) END AS pk
-                      FROM (SELECT to_jsonb(old_row.*) AS j FROM outbox_old AS old_row) AS t) AS o
-                FULL JOIN (SELECT t.j, CASE WHEN single_key IS NOT NULL THEN coalesce(t.j ->> single_key, '') ELSE public.outbox_key_of(t.j, key_columns) END AS k,
-                                  CASE WHEN NOT (t.j ?& key_columns) THEN 'row:' || md5(t.j::text)
-                                       WHEN single_key IS NOT NULL THEN (t.j -> single_key)::text
-                                       ELSE public.outbox_key_of(t.j, key_columns) END AS pk
-                           FROM (SELECT to_jsonb(new_row.*) AS j FROM outbox_new AS new_row) AS t) AS n
+                FROM (SELECT r.j, r.k, CASE WHEN NOT (r.j ?& key_columns) THEN 'row:' || md5(r.j::text)
+                                            WHEN single_key IS NOT NULL THEN (r.j -> single_key)::text
+                                            ELSE r.k END AS pk
+                      FROM (SELECT t.j, CASE WHEN single_key IS NOT NULL THEN coalesce(t.j ->> single_key, '') ELSE public.outbox_key_of(t.j, key_columns) END AS k
+                            FROM (SELECT to_jsonb(old_row.*) AS j FROM outbox_old AS old_row OFFSET 0) AS t
+                            OFFSET 0) AS r) AS o
+                FULL JOIN (SELECT r.j, r.k, CASE WHEN NOT (r.j ?& key_columns) THEN 'row:' || md5(r.j::text)
+                                                 WHEN single_key IS NOT NULL THEN (r.j -> single_key)::text
+                                                 ELSE r.k END AS pk
+                           FROM (SELECT t.j, CASE WHEN single_key IS NOT NULL THEN coalesce(t.j ->> single_key, '') ELSE public.outbox_key_of(t.j, key_columns) END AS k
+                                 FROM (SELECT to_jsonb(new_row.*) AS j FROM outbox_new AS new_row OFFSET 0) AS t
+                                 OFFSET 0) AS r) AS n
                     ON o.pk = n.pk
             ) AS p
             WHERE p.oj IS DISTINCT FROM p.nj OR p.oj::text <> p.nj::text
