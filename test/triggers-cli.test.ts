@@ -276,3 +276,28 @@ t.test('before migrate: a clear "run migrate first"', async (t) => {
   const { rows } = await db.query<{ n: number }>(`SELECT count(*)::int AS n FROM pg_trigger WHERE NOT tgisinternal`);
   t.equal(rows[0]?.n, 0, 'nothing installed');
 });
+
+t.test('list names a table whose primary key changed since install, and install mends it', async (t) => {
+  const db = await freshDatabase(t);
+  await db.query(`CREATE SCHEMA tenant_a; CREATE TABLE tenant_a.one (id integer PRIMARY KEY, v text)`);
+  const env = { DATABASE_URL: db.url };
+  t.equal((await runCli(['triggers', 'install', '--schema', 'tenant_a', '--table', 'one'], env)).code, 0);
+  // Without the event trigger (a migration run without superuser), nothing re-installs capture.
+  await db.query('ALTER EVENT TRIGGER outbox_capture_new_tables DISABLE');
+  await db.query('ALTER TABLE tenant_a.one RENAME COLUMN id TO one_id');
+
+  const listed = async () => {
+    const res = await runCli(['triggers', 'list', '--json'], env);
+    t.equal(res.code, 0, res.stderr);
+    return (JSON.parse(res.stdout) as { tables: Array<{ schema: string; table: string; captured: boolean; keyColumns: string[]; note: string }> }).tables;
+  };
+  t.same(await listed(), [{ schema: 'tenant_a', table: 'one', captured: true, keyColumns: ['one_id'], note: 'the primary key changed since install: re-run triggers install' }]);
+  const text = await runCli(['triggers', 'list'], env);
+  t.match(text.stdout, /^tenant_a\s+one\s+yes\s+one_id\s+the primary key changed since install: re-run triggers install$/m, 'the text listing says so too');
+
+  t.equal((await runCli(['triggers', 'install', '--schema', 'tenant_a', '--table', 'one'], env)).code, 0);
+  t.same(await listed(), [{ schema: 'tenant_a', table: 'one', captured: true, keyColumns: ['one_id'], note: '' }], 'mended by install');
+  await db.query(`INSERT INTO tenant_a.one VALUES (7, 'x')`);
+  const { rows } = await db.query<{ aggregate_id: string }>('SELECT aggregate_id FROM public.outbox_events');
+  t.same(rows, [{ aggregate_id: '7' }], 'events carry the key again');
+});

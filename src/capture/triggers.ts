@@ -225,11 +225,20 @@ tables AS (
   SELECT n.nspname::text AS schema, c.relname::text AS table, c.oid,
          EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) AS has_pk,
          (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgfoid = 'public.outbox_capture()'::regprocedure) AS triggers,
+         -- Triggers whose arguments (the key columns, as pg_trigger.tgargs encodes them: each name
+         -- followed by a zero byte) no longer name the table's primary key.
+         (SELECT count(*) FROM pg_trigger t
+          WHERE t.tgrelid = c.oid AND t.tgfoid = 'public.outbox_capture()'::regprocedure
+            AND t.tgargs IS DISTINCT FROM (
+                SELECT string_agg(convert_to(a.attname::text, pg_catalog.getdatabaseencoding()) || decode('00', 'hex'), ''::bytea ORDER BY k.ord)
+                FROM pg_index AS i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+                JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                WHERE i.indrelid = c.oid AND i.indisprimary)) AS stale,
          n.nspname IN (SELECT schema FROM captured_schemas) AS schema_captured
   FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
   WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
 )
-SELECT schema, "table", has_pk, triggers::int AS triggers, schema_captured,
+SELECT schema, "table", has_pk, triggers::int AS triggers, stale::int AS stale, schema_captured,
        (SELECT array_agg(a.attname::text ORDER BY k.ord)
         FROM pg_index AS i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
         JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
@@ -249,7 +258,7 @@ export interface CaptureListing {
 /** What is captured, per table, and whether new tables will be. */
 export async function listCapture(client: pg.ClientBase): Promise<CaptureListing> {
   const { rows } = await client.query<{
-    schema: string; table: string; has_pk: boolean; triggers: number; schema_captured: boolean; key_columns: string[] | null;
+    schema: string; table: string; has_pk: boolean; triggers: number; stale: number; schema_captured: boolean; key_columns: string[] | null;
   }>(SELECT_CAPTURE_LIST);
   const schemas = await client.query<{ schema_name: string }>('SELECT schema_name FROM public.outbox_capture_schemas ORDER BY 1');
   const settings = await client.query<{ all_schemas: boolean; excluded_schemas: string[] }>(
@@ -261,6 +270,9 @@ export async function listCapture(client: pg.ClientBase): Promise<CaptureListing
       const captured = r.triggers === 3;
       let note = '';
       if (!captured) note = !r.has_pk ? 'not captured: no primary key' : r.triggers > 0 ? 'partially captured: re-run triggers install' : 'not captured yet: run triggers install';
+      // Still capturing, but naming key columns the table no longer has (changed while no event
+      // trigger re-installed capture): events would carry an empty aggregate id.
+      else if (r.stale > 0) note = 'the primary key changed since install: re-run triggers install';
       return { schema: r.schema, table: r.table, captured, keyColumns: r.key_columns ?? [], note };
     }),
     schemas: schemas.rows.map((r) => r.schema_name),
