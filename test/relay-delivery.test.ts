@@ -373,6 +373,8 @@ t.test('many sends in flight at once: all delivered concurrently, and Node warns
   await waitFor(() => recv.delivered.size === 60, 30_000, '60 deliveries', () => ({ delivered: recv.delivered.size }));
   t.ok(maxOpen > 10, `more than ten requests were in flight at once (saw ${maxOpen})`);
   t.same(warnings.filter((w) => w.startsWith('MaxListenersExceededWarning')), [], 'no MaxListenersExceededWarning');
+  // The receiver answers before the relay records the outcome: wait for the last batch of outcomes.
+  await waitFor(async () => (await unprocessed(db)) === 0, 10_000, 'every event rolled up', async () => ({ unprocessed: await unprocessed(db) }));
   t.equal(await unprocessed(db), 0, 'every event rolled up as processed');
 });
 

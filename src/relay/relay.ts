@@ -87,6 +87,8 @@ interface SubState {
   inflight: number;
   /** Claimed (leased) deliveries waiting for a free slot: prefetched so sending never waits for a claim. */
   queue: ClaimedRow[];
+  /** Sent, with the outcome waiting in the completion buffer: still leased, not yet recorded. */
+  recording: number;
   /** The last claim returned less than asked: nothing more is due until new work arrives. */
   drained: boolean;
   breaker: CircuitBreaker;
@@ -174,7 +176,13 @@ export class Relay extends EventEmitter<RelayEvents> {
       pool: this.pool,
       workerId: this.config.relay.workerId,
       logger: this.log,
-      onFlushed: () => this.kick(),
+      onFlushed: (items) => {
+        for (const item of items) {
+          const st = this.subs.get(item.subscriptionId);
+          if (st) st.recording = Math.max(0, st.recording - 1);
+        }
+        this.kick();
+      },
       onError: (err) => this.onDbError(err, 'recording outcomes'),
     });
   }
@@ -361,7 +369,9 @@ export class Relay extends EventEmitter<RelayEvents> {
     this.claimCursor = n ? (this.claimCursor + 1) % n : 0;
     for (let i = 0; i < n && budget > 0; i++) {
       const st = states[(this.claimCursor + i) % n] as SubState;
-      const outstanding = st.inflight + st.queue.length;
+      // Everything leased and not yet recorded counts, so that at most 2 x max_in_flight deliveries
+      // of a subscription are unrecorded at any moment: what a crash can make us send twice.
+      const outstanding = st.inflight + st.queue.length + st.recording;
       let want: number;
       switch (st.breaker.state) {
         case 'closed':
@@ -487,6 +497,7 @@ export class Relay extends EventEmitter<RelayEvents> {
       delayMs: aborted ? 0 : outcome.delayMs,
       durationMs: result.durationMs,
     };
+    st.recording++;
     this.completions.push(item);
   }
 
@@ -555,6 +566,7 @@ export class Relay extends EventEmitter<RelayEvents> {
           sub,
           inflight: 0,
           queue: [],
+          recording: 0,
           drained: false,
           active: true,
           breaker: new CircuitBreaker({ threshold: w.circuitFailureThreshold, cooldownMs: w.circuitCooldownMs, maxCooldownMs: w.circuitMaxCooldownMs }),
@@ -565,7 +577,7 @@ export class Relay extends EventEmitter<RelayEvents> {
       if (seen.has(id)) continue;
       st.active = false;
       this.releaseQueue(st);
-      if (st.inflight === 0) this.subs.delete(id);
+      if (st.inflight === 0 && st.recording === 0) this.subs.delete(id);
     }
     this.emit('subscriptions', seen.size);
   }
