@@ -222,27 +222,26 @@ WITH captured_schemas AS (
   SELECT n.nspname::text AS schema FROM pg_namespace AS n WHERE public.outbox_schema_is_captured(n.nspname::text)
 ),
 tables AS (
-  SELECT n.nspname::text AS schema, c.relname::text AS table, c.oid,
-         EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) AS has_pk,
+  SELECT n.nspname::text AS schema, c.relname::text AS table,
          (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgfoid = 'public.outbox_capture()'::regprocedure) AS triggers,
-         -- Triggers whose arguments (the key columns, as pg_trigger.tgargs encodes them: each name
-         -- followed by a zero byte) no longer name the table's primary key.
-         (SELECT count(*) FROM pg_trigger t
-          WHERE t.tgrelid = c.oid AND t.tgfoid = 'public.outbox_capture()'::regprocedure
-            AND t.tgargs IS DISTINCT FROM (
-                SELECT string_agg(convert_to(a.attname::text, pg_catalog.getdatabaseencoding()) || decode('00', 'hex'), ''::bytea ORDER BY k.ord)
-                FROM pg_index AS i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-                JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-                WHERE i.indrelid = c.oid AND i.indisprimary)) AS stale,
-         n.nspname IN (SELECT schema FROM captured_schemas) AS schema_captured
+         -- The primary key's columns in key order (NULL: no primary key).
+         (SELECT array_agg(a.attname::text ORDER BY k.ord)
+          FROM pg_index AS i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+          WHERE i.indrelid = c.oid AND i.indisprimary) AS key_columns,
+         n.nspname IN (SELECT schema FROM captured_schemas) AS schema_captured,
+         c.oid
   FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
   WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
 )
-SELECT schema, "table", has_pk, triggers::int AS triggers, stale::int AS stale, schema_captured,
-       (SELECT array_agg(a.attname::text ORDER BY k.ord)
-        FROM pg_index AS i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-        JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-        WHERE i.indrelid = tables.oid AND i.indisprimary) AS key_columns
+SELECT schema, "table", key_columns IS NOT NULL AS has_pk, triggers::int AS triggers, schema_captured, key_columns,
+       -- Triggers whose arguments (the key columns, as pg_trigger.tgargs encodes them: each name
+       -- followed by a zero byte) no longer name the table's primary key.
+       (SELECT count(*) FROM pg_trigger t
+        WHERE t.tgrelid = tables.oid AND t.tgfoid = 'public.outbox_capture()'::regprocedure
+          AND t.tgargs IS DISTINCT FROM (
+              SELECT string_agg(convert_to(u.k, pg_catalog.getdatabaseencoding()) || decode('00', 'hex'), ''::bytea ORDER BY u.o)
+              FROM unnest(key_columns) WITH ORDINALITY AS u(k, o)))::int AS stale
 FROM tables
 WHERE triggers > 0 OR schema_captured
 ORDER BY schema, "table"`;
