@@ -40,10 +40,8 @@ export async function measureLatency(ctx: Ctx, options: { url: string; tenant: s
     return {
       rows,
       missing,
-      p50: round(quantile(values, 0.5), 2),
+      ...summary(values),
       p90: round(quantile(values, 0.9), 2),
-      p99: round(quantile(values, 0.99), 2),
-      max: round(Math.max(...values), 2),
       mean: round(values.reduce((a, b) => a + b, 0) / Math.max(1, values.length), 2),
       fromInsert: summary(fromInsert),
       commit: summary(commit),
