@@ -144,8 +144,14 @@ t.test('cleanup on a few hundred thousand events: the right rows go, the counts 
   let writing = true;
   let nextId = 1;
   const PER = 5;
+  // Paced and bounded: the point is that writes keep completing while the cleanup runs, not load.
+  // Unpaced, a fast server let the writer capture ~350,000 events during a slow (contended) cleanup,
+  // more than the relay could deliver before the final check's deadline.
+  const PACE_MS = 20;
+  const MAX_STATEMENTS = 3_000;
   const writerDone = (async () => {
-    while (writing) {
+    while (writing && statements.length < MAX_STATEMENTS) {
+      await new Promise((r) => setTimeout(r, PACE_MS));
       const start = Date.now();
       try {
         await writer.query(`INSERT INTO ${L}.vendors (id, name) SELECT g, 'w' || g FROM generate_series($1::int, $2::int) AS g`, [nextId, nextId + PER - 1]);
@@ -235,7 +241,7 @@ t.test('cleanup on a few hundred thousand events: the right rows go, the counts 
   t.same(blocked, [], 'nobody ever waited for a lock the cleanup held');
   const liveEvents = await count(db, 'SELECT count(*)::int AS n FROM public.outbox_events WHERE tenant = $1', [L]);
   t.equal(liveEvents, nextId - 1, 'every event the writer captured is there');
-  await waitFor(async () => recv.at('/live').filter((r) => r.status === 200).length >= liveEvents, 60_000, 'the relay to deliver all live events', relay.diag);
+  await waitFor(async () => recv.at('/live').filter((r) => r.status === 200).length >= liveEvents, 120_000, 'the relay to deliver all live events', relay.diag);
   t.pass('and all of them were delivered');
 
   // Again: nothing left to do; --json is one document.
