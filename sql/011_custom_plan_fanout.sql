@@ -1,0 +1,21 @@
+-- 011: outbox_poll plans its statements afresh on every call (custom plans only).
+--
+-- PL/pgSQL keeps each statement's plan per connection, and with the default plan_cache_mode it
+-- switches to a generic plan (one plan for all parameter values) after five calls whenever that plan
+-- looks no costlier than the custom ones so far. A relay that starts on a quiet database makes
+-- those five calls on near-empty tables, where the generic fan-out plan looks as cheap as any; once
+-- a backlog arrives the connection keeps it, and that plan reads the outbox tables in proportion to
+-- their size, not to the batch: a fan-out of 1,000 events from a 200,000-event backlog took about
+-- 120 ms against 20 ms (PostgreSQL 15), and with larger tables it passed the relay's 30 s
+-- statement_timeout. outbox_complete waits for the fan-out's lock, so it timed out too, and the relay
+-- stopped making progress (a CI run of the retention test, PostgreSQL 18). Until an ANALYZE happened
+-- to invalidate the plan, every retry reused it.
+--
+-- Planning the fan-out each call costs a fraction of a millisecond, which is what it cost before the
+-- switch. outbox_claim, called from outbox_poll, keeps the default (auto) through its own SET clause:
+-- its statement is key-driven per subscription, and the same warm-then-backlog test shows no change
+-- (about 9 ms for a 1,000-delivery claim either way), so it keeps the per-connection plan of 010.
+-- outbox_complete was measured the same way (about 40 ms for 1,000 outcomes either way) and is left
+-- as it is.
+ALTER FUNCTION public.outbox_poll(integer, bigint[], integer[], integer[], text) SET plan_cache_mode = force_custom_plan;
+ALTER FUNCTION public.outbox_claim(bigint[], integer[], integer[], text) SET plan_cache_mode = auto;
