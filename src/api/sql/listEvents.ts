@@ -24,7 +24,7 @@ export interface EventRow extends EventFields {
 }
 
 export function listEventsQuery(q: ListQuery, tenant: string, userId: number): pg.QueryConfig {
-  const where = eventWhere(q, tenant, userId, 'probe');
+  const where = eventWhere(q, tenant, userId);
   const values = [...where.values, q.limit + 1, q.offset];
   const column = ORDER_COLUMNS[q.orderBy];
   const dir = q.orderDir === 'DESC' ? 'DESC' : 'ASC';
