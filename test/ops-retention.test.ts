@@ -148,7 +148,7 @@ t.test('cleanup on a few hundred thousand events: the right rows go, the counts 
   // Unpaced, a fast server let the writer capture ~350,000 events during a slow (contended) cleanup,
   // more than the relay could deliver before the final check's deadline.
   const PACE_MS = 20;
-  const MAX_STATEMENTS = 3_000;
+  const MAX_STATEMENTS = 6_000; // a safety cap (at least 120 s of writing); the cleanup's end stops it
   const writerDone = (async () => {
     while (writing && statements.length < MAX_STATEMENTS) {
       await new Promise((r) => setTimeout(r, PACE_MS));
