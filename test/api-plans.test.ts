@@ -16,7 +16,6 @@ interface PlanNode {
   'Node Type': string;
   'Index Cond'?: string;
   'Relation Name'?: string;
-  'Parent Relationship'?: string;
   'Actual Rows'?: number;
   'Actual Loops'?: number;
   'Rows Removed by Join Filter'?: number;
@@ -71,11 +70,10 @@ t.test('exclude_acknowledged=true right after a bulk load, before any ANALYZE: p
     }
   }
 
+  // And the results: the count, and the page (the user's first 51 events after the acknowledged ones).
   const count = await db.query<{ n: string }>(statements.count.text, statements.count.values);
   t.equal(Number(count.rows[0]?.n), EVENTS - ACKED, 'the count leaves out exactly the acknowledged events');
-  const q = statements.page;
-  // And the page itself: the user's first 51 events after the acknowledged ones, in id order.
-  const page = await db.query<{ id: string }>(q.text, q.values);
+  const page = await db.query<{ id: string }>(statements.page.text, statements.page.values);
   const expected = await db.query<{ id: string }>(
     'SELECT e.id::text AS id FROM public.outbox_events AS e WHERE e.tenant = $1 ORDER BY e.id OFFSET $2 LIMIT 51',
     [TENANT, ACKED],
