@@ -37,8 +37,18 @@ export const WAKEUP_CHANNEL = 'outbox_wakeup';
  * and those deliveries would be sent again anyway. A lane moves on only after a durable outcome, so
  * order holds. Outcomes, releases and every other write keep the server's setting.
  */
-export const POLL_SQL = `SELECT p.* FROM public.outbox_poll($1, $2::bigint[], $3::int[], $4::int[], $5) AS p
+export const POLL_SQL = `SELECT p.event_id, p.subscription_id, p.attempt, p.max_attempts, p.tenant, p.event_type,
+       p.aggregate_id, p.aggregate_type, p.payload, p.created_at
+FROM public.outbox_poll($1, $2::bigint[], $3::int[], $4::int[], $5) AS p
 WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL`;
+/*
+ * The statements run on every round are prepared once per connection (named): that saves their
+ * parse, about 0.1-0.2 ms a call in the server's log, on the path of every delivery. Their result
+ * columns are named, not `*`, so that a migration that adds a column to what a function returns does
+ * not break a relay that is still running: PostgreSQL refuses to run a prepared statement whose result
+ * type changed ("cached plan must not change result type").
+ */
+const PREPARED = { poll: 'outbox-relay-poll', nextDue: 'outbox-relay-next-due', setIdle: 'outbox-relay-set-idle' } as const;
 /** When the next ready delivery of these subscriptions falls due. */
 const NEXT_DUE = 'SELECT extract(epoch FROM public.outbox_next_due($1::bigint[])) * 1000 AS at';
 /** Gives back leases that were never used. */
@@ -301,7 +311,7 @@ export class Relay extends EventEmitter<RelayEvents> {
           if (this.idleFlagged) {
             // Busy from now on: writers may stop notifying (each NOTIFY serializes commits).
             this.idleFlagged = false;
-            await this.pool.query(SET_IDLE, [false]);
+            await this.pool.query({ name: PREPARED.setIdle, text: SET_IDLE, values: [false] });
           }
         }
       }
@@ -325,7 +335,7 @@ export class Relay extends EventEmitter<RelayEvents> {
       this.fanoutWanted = false;
       const t0 = performance.now();
       const leases = ids.map((id) => this.leaseFor(id));
-      const { rows } = await this.pool.query<ClaimedRow>(POLL_SQL, [batch, ids, caps, leases, this.config.relay.workerId]);
+      const { rows } = await this.pool.query<ClaimedRow>({ name: PREPARED.poll, text: POLL_SQL, values: [batch, ids, caps, leases, this.config.relay.workerId] });
       const ms = performance.now() - t0;
       const summary = rows.pop();
       const fanned = summary?.max_attempts ?? 0;
@@ -520,7 +530,7 @@ export class Relay extends EventEmitter<RelayEvents> {
     for (const st of this.subs.values()) if (st.queue.length > 0) return;
     const active = [...this.subs.values()].filter((s) => s.active);
     if (active.length > 0) {
-      const { rows } = await this.pool.query<{ at: number | null }>(NEXT_DUE, [active.map((s) => s.sub.id)]);
+      const { rows } = await this.pool.query<{ at: number | null }>({ name: PREPARED.nextDue, text: NEXT_DUE, values: [active.map((s) => s.sub.id)] });
       const at = rows[0]?.at;
       if (at !== null && at !== undefined) this.armDueTimer(Number(at) - Date.now());
       for (const s of active) {
@@ -530,7 +540,7 @@ export class Relay extends EventEmitter<RelayEvents> {
     }
     if (this.config.relay.notifyMode === 'idle' && !this.idleFlagged) {
       this.idleFlagged = true;
-      await this.pool.query(SET_IDLE, [true]);
+      await this.pool.query({ name: PREPARED.setIdle, text: SET_IDLE, values: [true] });
       this.emit('idle');
       // One more look: a writer that read the flag before we set it did not notify.
       this.fanoutWanted = true;
