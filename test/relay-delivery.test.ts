@@ -70,15 +70,17 @@ interface PlanNode {
   'Relation Name'?: string;
   'Actual Rows'?: number;
   'Actual Loops'?: number;
+  'Rows Removed by Filter'?: number;
+  'Rows Removed by Join Filter'?: number;
   Plans?: PlanNode[];
 }
 
 /**
  * Runs `call` on `client` with auto_explain sending the plan of every statement it runs, nested ones
- * included, as a notice; returns every plan node that reads or writes an outbox table, with the rows
- * it produced over all its loops.
+ * included, as a notice; returns every plan node with the rows it handled over all its loops: those
+ * it produced and those its filters removed (EXPLAIN reports both per loop).
  */
-async function outboxNodesOf(client: pg.Client, call: () => Promise<unknown>): Promise<Array<{ node: string; relation: string; rows: number; query: string }>> {
+async function planNodesOf(client: pg.Client, call: () => Promise<unknown>): Promise<Array<{ node: string; relation: string; rows: number; query: string }> | null> {
   const found: Array<{ node: string; relation: string; rows: number; query: string }> = [];
   const onNotice = (msg: { message?: string }): void => {
     const text = msg.message ?? '';
@@ -86,15 +88,22 @@ async function outboxNodesOf(client: pg.Client, call: () => Promise<unknown>): P
     if (!text.startsWith('duration:') || at < 0) return;
     const explained = JSON.parse(text.slice(at)) as { 'Query Text': string; Plan: PlanNode };
     const walk = (n: PlanNode): void => {
-      const relation = n['Relation Name'];
-      if (relation?.startsWith('outbox_')) {
-        found.push({ node: n['Node Type'], relation, rows: (n['Actual Rows'] ?? 0) * (n['Actual Loops'] ?? 1), query: explained['Query Text'].trim().slice(0, 60) });
-      }
+      const perLoop = (n['Actual Rows'] ?? 0) + (n['Rows Removed by Filter'] ?? 0) + (n['Rows Removed by Join Filter'] ?? 0);
+      found.push({ node: n['Node Type'], relation: n['Relation Name'] ?? '-', rows: perLoop * (n['Actual Loops'] ?? 1), query: explained['Query Text'].trim().slice(0, 60) });
       for (const c of n.Plans ?? []) walk(c);
     };
     walk(explained.Plan);
   };
-  await client.query(`LOAD 'auto_explain';
+  // LOAD needs a superuser (the library is not under $libdir/plugins): null for other roles.
+  const loaded = await client.query("LOAD 'auto_explain'").then(
+    () => true,
+    (err: { code?: string }) => {
+      if (err.code === '42501') return false;
+      throw err;
+    },
+  );
+  if (!loaded) return null;
+  await client.query(`
     SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;
     SET auto_explain.log_analyze = on; SET auto_explain.log_timing = off;
     SET auto_explain.log_format = 'json'; SET auto_explain.log_level = 'notice'`);
@@ -510,13 +519,18 @@ t.test('a relay that warmed up on a quiet database still fans out a backlog with
   // With statistics that describe the queue, a claim that joined its rows to the queue by key made
   // a generic plan that hashed the whole queue (about one buffer per queued delivery); by address it
   // stays in proportion to the claim.
-  // Every read of an outbox table, in every statement of a fan-out and of a claim, must produce
-  // rows in proportion to the batch (200 here), never to the tables (40,000 events and deliveries).
+  // Every plan node, in every statement of a fan-out and of a claim, must handle rows in proportion
+  // to the batch (200 here), never to the tables (40,000 events and deliveries) nor to the batch
+  // squared (a nested loop over two batch-sized inputs).
   const inProportion = async (client: pg.Client, what: string, batch: number, cap: number): Promise<void> => {
-    const nodes = await outboxNodesOf(client, () => poll(client, batch, cap));
+    const nodes = await planNodesOf(client, () => poll(client, batch, cap));
+    if (!nodes) {
+      t.pass(`${what}: plans`, { skip: 'auto_explain can only be loaded by a superuser; run the suite as one to check plans' });
+      return;
+    }
     const tooMany = nodes.filter((n) => n.rows > 1_000);
-    t.ok(nodes.length > 3, `${what}: plans seen (${nodes.length} nodes on outbox tables)`);
-    t.same(tooMany, [], `${what}: no read of an outbox table produced over 1,000 rows`);
+    t.ok(nodes.filter((n) => n.relation.startsWith('outbox_')).length > 3, `${what}: plans seen (${nodes.length} nodes)`);
+    t.same(tooMany, [], `${what}: no plan node handled over 1,000 rows`);
   };
   await inProportion(warm, 'the warmed connection, a claim', 0, 200);
   await db.query(`INSERT INTO ${T}.vendors (id, name) SELECT g, 'more' FROM generate_series(50000, 50199) AS g`);
