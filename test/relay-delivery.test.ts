@@ -516,9 +516,6 @@ t.test('a relay that warmed up on a quiet database still fans out a backlog with
   const freshClaim = await buffersOfPoll(other, 0, 200);
   t.ok(warmedClaim > 0 && freshClaim > 0, `claim buffers counted (warmed ${warmedClaim}, fresh ${freshClaim})`);
   t.ok(warmedClaim <= freshClaim * 1.3, `the warmed connection's claim touched ${warmedClaim} buffers, a new connection's ${freshClaim}`);
-  // With statistics that describe the queue, a claim that joined its rows to the queue by key made
-  // a generic plan that hashed the whole queue (about one buffer per queued delivery); by address it
-  // stays in proportion to the claim.
   // Every plan node, in every statement of a fan-out and of a claim, must handle rows in proportion
   // to the batch (200 here), never to the tables (40,000 events and deliveries) nor to the batch
   // squared (a nested loop over two batch-sized inputs).
