@@ -7,7 +7,7 @@
  */
 import { once } from 'node:events';
 import pg from 'pg';
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { POLL_SQL } from '../src/relay/relay.js';
 import { runCli } from './helpers/cli.js';
 import { freshDatabase, type TestDatabase } from './helpers/db.js';
@@ -446,6 +446,40 @@ t.test('the poll statement commits asynchronously, for its own transaction only'
   t.equal(await show(), 'on', 'the session keeps its own setting after it');
 });
 
+t.test('an event no subscription matches is marked processed even when another transaction updates it during the fan-out (sql/013)', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('race');
+  await createTenant(db, T); // no subscription: its events are unmatched
+  await db.query(`INSERT INTO ${T}.vendors (id, name) VALUES (1, 'one')`);
+  const id = (await db.query<{ id: string }>('SELECT id::text FROM public.outbox_events')).rows[0]?.id;
+  t.ok(id, 'the event was captured');
+  const other = new pg.Client({ connectionString: db.url });
+  const poller = new pg.Client({ connectionString: db.url });
+  await other.connect();
+  await poller.connect();
+  t.teardown(async () => {
+    await other.end();
+    await poller.end();
+  });
+  // Another transaction holds the event row, and commits a new version of it while the fan-out waits:
+  // the fan-out read the old version (its snapshot) and marks unmatched events by their address.
+  await other.query('BEGIN');
+  await other.query('UPDATE public.outbox_events SET updated_at = now() WHERE id = $1', [id]);
+  const pid = (await poller.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]?.pid;
+  const polled = poller.query(POLL_SQL, [100, [], [], [], 'race-worker']);
+  await waitFor(
+    async () => (await db.query("SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'", [pid])).rowCount === 1,
+    10_000,
+    'the fan-out waiting for the row lock',
+  );
+  await other.query('COMMIT');
+  const { rows } = await polled;
+  t.equal(rows.at(-1)?.max_attempts, 1, 'the poll fanned out the event (its summary row counts them)');
+  const after = (await db.query<{ processed: boolean; queued: number }>(
+    'SELECT processed_at IS NOT NULL AS processed, (SELECT count(*)::int FROM public.outbox_fanout_queue) AS queued FROM public.outbox_events WHERE id = $1', [id])).rows[0];
+  t.same(after, { processed: true, queued: 0 }, 'processed, and off the fan-out queue');
+});
+
 t.test('outbox_claim is PL/pgSQL, so its statement stays prepared per connection (sql/010)', async (t) => {
   const db = await freshDatabase(t);
   const { rows } = await db.query<{ lang: string; config: string[] | null }>(`
@@ -456,7 +490,12 @@ t.test('outbox_claim is PL/pgSQL, so its statement stays prepared per connection
   t.ok((rows[0]?.config ?? []).some((s) => /^search_path=pg_catalog,\s*pg_temp$/.test(s)), 'search_path stays pinned');
 });
 
-t.test('a relay that warmed up on a quiet database still fans out a backlog with a batch-sized plan (sql/011, sql/012)', async (t) => {
+/**
+ * A relay's connection makes its plans while the outbox is nearly empty, then a backlog arrives: its
+ * fan-outs and claims must still read in proportion to their batch. `analysedEmpty`: the outbox
+ * tables were analysed while empty (statistics that say zero rows), else never analysed.
+ */
+async function plansStayBatchSized(t: Test, analysedEmpty: boolean): Promise<void> {
   const db = await freshDatabase(t);
   const T = tenantName('plans');
   await createTenant(db, T);
@@ -485,6 +524,7 @@ t.test('a relay that warmed up on a quiet database still fans out a backlog with
     ALTER TABLE public.outbox_events SET (autovacuum_enabled = false);
     ALTER TABLE public.outbox_fanout_queue SET (autovacuum_enabled = false);
     ALTER TABLE public.outbox_deliveries SET (autovacuum_enabled = false)`);
+  if (analysedEmpty) await db.query('ANALYZE public.outbox_events, public.outbox_deliveries, public.outbox_fanout_queue');
   // A relay's connection makes its first calls while the outbox is nearly empty: one event at a time.
   const warm = await connect();
   for (let i = 1; i <= 12; i++) {
@@ -545,4 +585,9 @@ t.test('a relay that warmed up on a quiet database still fans out a backlog with
     "SELECT proconfig AS config FROM pg_proc WHERE oid IN ('public.outbox_poll(integer, bigint[], integer[], integer[], text)'::regprocedure, 'public.outbox_claim(bigint[], integer[], integer[], text)'::regprocedure) ORDER BY proname DESC");
   t.ok(rows[0]?.config?.includes('plan_cache_mode=force_generic_plan'), 'outbox_poll: one plan per statement and connection');
   t.ok(rows[1]?.config?.includes('plan_cache_mode=force_generic_plan'), 'outbox_claim: one plan per statement and connection');
-});
+}
+
+t.test('a relay that warmed up on a quiet database still fans out a backlog with a batch-sized plan (sql/011, sql/012)', (t) =>
+  plansStayBatchSized(t, false));
+
+t.test('the same when the outbox tables were analysed while empty (sql/013)', (t) => plansStayBatchSized(t, true));
