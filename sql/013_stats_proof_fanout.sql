@@ -15,8 +15,8 @@
 --   * the events are fetched per id on the primary key (LATERAL ... OFFSET 0), with their addresses,
 --     and unmatched events are updated by address (ctid = ANY: a TID scan). One that another
 --     transaction updated after this statement's snapshot is no longer at that address and would be
---     skipped (PostgreSQL 15 and 18 both do): those are then marked by key. A test holds the event's
---     row lock during a fan-out to make it happen;
+--     skipped (PostgreSQL 15 and 18 both do): those are then looked up again per id and marked by
+--     their new address. A test holds the event's row lock during a fan-out to make it happen;
 --   * m is materialized, so the lane probe compares idx_outbox_deliveries_lane's columns with values,
 --     and OFFSET 0 keeps it a probe per row (without it, a plan made on an empty table hashed the
 --     whole lane index once per fan-out);
@@ -43,6 +43,8 @@ DECLARE
     n_fanned   integer := 0;
     unmatched_ids bigint[];
     n_unmatched   integer;
+    n_left        integer;
+    n_marked      integer;
     caps_left  integer[] := capacities;
     r          record;
 BEGIN
@@ -132,11 +134,32 @@ BEGIN
         FROM q;
 
         -- An event row that another transaction updated since this statement's snapshot is not at
-        -- that address any more: mark it by key (rare, so the plan does not matter).
+        -- that address any more: look the unmatched events up again, per id (a new statement sees
+        -- their current addresses), and mark those still unprocessed, until none was skipped. Keyed
+        -- like ev, and the processed_at test stays outside the lookup: with it inside, a plan made on
+        -- empty tables scanned idx_outbox_unprocessed (every unprocessed event) with a filter, under
+        -- the fan-out's lock.
         IF coalesce(cardinality(unmatched_ids), 0) > n_unmatched THEN
-            UPDATE public.outbox_events AS e
-            SET processed_at = now(), updated_at = now()
-            WHERE e.id = ANY (unmatched_ids) AND e.processed_at IS NULL;
+            LOOP
+                WITH cur AS MATERIALIZED (
+                    SELECT x.tid
+                    FROM unnest(unmatched_ids) AS b(id)
+                    CROSS JOIN LATERAL (
+                        SELECT y.ctid AS tid, y.processed_at FROM public.outbox_events AS y WHERE y.id = b.id
+                        OFFSET 0
+                    ) AS x
+                    WHERE x.processed_at IS NULL
+                ),
+                marked AS (
+                    UPDATE public.outbox_events AS e
+                    SET processed_at = now(), updated_at = now()
+                    WHERE e.ctid = ANY (ARRAY(SELECT cur.tid FROM cur))
+                    RETURNING 1
+                )
+                SELECT (SELECT count(*)::integer FROM cur), (SELECT count(*)::integer FROM marked)
+                  INTO n_left, n_marked;
+                EXIT WHEN n_marked >= n_left;
+            END LOOP;
         END IF;
         n_fanned := coalesce(cardinality(fanned_ids), 0);
     END IF;

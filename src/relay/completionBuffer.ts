@@ -21,7 +21,7 @@ export interface CompletionItem {
 }
 
 /** Records a batch of outcomes (see sql/005_relay_functions.sql); returns how many applied. Prepared once per connection (see relay.ts). */
-const COMPLETE =
+export const COMPLETE_SQL =
   'SELECT public.outbox_complete($1, $2::bigint[], $3::bigint[], $4::int[], $5::text[], $6::int[], $7::text[], $8::bigint[], $9::int[]) AS applied';
 
 export interface CompletionOptions {
@@ -64,7 +64,7 @@ export class CompletionBuffer {
   private async run(): Promise<void> {
     const batch = this.pending.splice(0, this.options.maxBatch ?? 1000);
     try {
-      const { rows } = await this.options.pool.query<{ applied: number }>({ name: 'outbox-relay-complete', text: COMPLETE, values: [
+      const { rows } = await this.options.pool.query<{ applied: number }>({ name: 'outbox-relay-complete', text: COMPLETE_SQL, values: [
         this.options.workerId,
         batch.map((b) => b.eventId),
         batch.map((b) => b.subscriptionId),
