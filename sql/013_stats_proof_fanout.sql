@@ -37,16 +37,16 @@ SET enable_seqscan = off
 SET plan_cache_mode = force_generic_plan
 AS $fn$
 DECLARE
-    batch_ids  bigint[];
-    fanned_ids bigint[];
-    leased     public.outbox_claimed[];
-    n_fanned   integer := 0;
+    batch_ids     bigint[];
+    fanned_ids    bigint[];
+    leased        public.outbox_claimed[];
+    n_fanned      integer := 0;
     unmatched_ids bigint[];
     n_unmatched   integer;
     n_left        integer;
     n_marked      integer;
-    caps_left  integer[] := capacities;
-    r          record;
+    caps_left     integer[] := capacities;
+    r             record;
 BEGIN
     IF EXISTS (SELECT 1 FROM public.outbox_fanout_queue) THEN
         PERFORM pg_advisory_xact_lock(7411201005);
@@ -57,7 +57,6 @@ BEGIN
     END IF;
 
     IF batch_ids IS NOT NULL THEN
-
         WITH q AS (
             DELETE FROM public.outbox_fanout_queue AS q
             WHERE q.event_id = ANY (batch_ids)
