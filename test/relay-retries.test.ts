@@ -203,6 +203,28 @@ t.test('out of attempts: dead delivery, failed ack, failed event; replay requeue
   t.same(JSON.parse(again.stdout), { queued: 0 }, 'a second replay finds nothing dead');
 });
 
+t.test('a delivery whose event was deleted is dropped at claim and does not hold the subscription\'s slots', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('to');
+  await createTenant(db, T);
+  const recv = await startReceiver(t);
+  // One slot: the relay leases at most 2 deliveries at a time, so two orphans would take them all.
+  const sub = await subscribe(db, { tenant: T, userId: 4, url: recv.url(), maxInFlight: 1 });
+  recv.secrets.push(sub.secret);
+  // What an operator's DELETE of event rows leaves behind (deliveries have no foreign key): due
+  // deliveries, older than any other, whose event does not exist.
+  await db.query(`INSERT INTO public.outbox_deliveries (event_id, subscription_id, state, next_attempt_at)
+                  VALUES (900000001, $1, 'ready', now() - interval '1 hour'), (900000002, $1, 'ready', now() - interval '1 hour')`, [sub.id]);
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 6) g`]);
+  const ids = await eventIds(db, T);
+  await startRelay(t, db.url, NO_CIRCUIT);
+  await waitFor(async () => recv.delivered.size === ids.length && (await unprocessed(db)) === 0, 15_000, 'every real event delivered',
+    async () => ({ delivered: recv.delivered.size, deliveries: (await db.query('SELECT event_id, state, locked_by FROM public.outbox_deliveries')).rows }));
+  t.equal(recv.requests.length, ids.length, 'each real event sent once, nothing for the orphans');
+  t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.outbox_deliveries'), 0, 'the orphaned deliveries are gone, not locked and skipped forever');
+  t.equal(await count(db, "SELECT count(*)::int AS n FROM public.event_acknowledgments WHERE status = 'processed'"), ids.length, 'every real event acknowledged');
+});
+
 t.test('slow, resetting, huge and redirecting receivers: handled, nothing lost, the relay keeps running', async (t) => {
   const db = await freshDatabase(t);
   const T = tenantName('tb');

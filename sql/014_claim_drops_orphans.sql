@@ -1,0 +1,67 @@
+-- 014: a claim removes the due deliveries whose event no longer exists, instead of locking and
+-- skipping them on every claim.
+--
+-- Deliveries have no foreign key to their event (002: its checks would lock the event row on every
+-- insert). So a DELETE of event rows by hand, or retention deleting a processed event while a replay
+-- gives it a new delivery, can leave deliveries without an event. outbox_claim (012) locked such a
+-- delivery and then did not lease it (its EXISTS test), so it stayed due and ready: every later claim
+-- took it again, first, within the subscription's capacity. With as many orphans as the relay asks
+-- for (twice max_in_flight), nothing more of that subscription was ever claimed, and outbox_next_due
+-- kept answering "due now" (a poll every few milliseconds). The relay-retries test "a delivery whose
+-- event was deleted" shows it: two orphans and max_in_flight 1 held back four of six events for good.
+--
+-- Such a delivery can never be sent (there is nothing to send), nor replayed or removed by retention
+-- (both start from the event), so the claim deletes it: the rows it locked and did not lease, by their
+-- addresses (a TID scan, as the UPDATE) and the same per-row test of the event's key. Both data-
+-- modifying CTEs run in full whether or not the result reads them. Otherwise outbox_claim is 012's,
+-- and its results are the same.
+
+CREATE OR REPLACE FUNCTION public.outbox_claim(subscription_ids bigint[], capacities integer[], leases_ms integer[], worker text)
+RETURNS SETOF public.outbox_claimed
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
+AS $fn$
+BEGIN
+    RETURN QUERY
+    WITH c AS (
+        SELECT x.tid
+        FROM unnest(subscription_ids, capacities) AS s(sub, cap)
+        CROSS JOIN LATERAL (
+            SELECT d.ctid AS tid FROM public.outbox_deliveries AS d
+            WHERE d.subscription_id = s.sub AND d.state = 'ready' AND d.next_attempt_at <= now()
+            ORDER BY d.next_attempt_at
+            LIMIT greatest(s.cap, 0)
+            FOR UPDATE SKIP LOCKED
+        ) AS x
+    ),
+    claimed AS (
+        UPDATE public.outbox_deliveries AS d
+        SET attempts = d.attempts + 1,
+            next_attempt_at = now() + leases_ms[array_position(subscription_ids, d.subscription_id)] * interval '1 millisecond',
+            locked_by = worker,
+            last_attempt_at = now()
+        WHERE d.ctid = ANY (ARRAY(SELECT c.tid FROM c))
+          -- A delivery whose event is gone is not leased (as with 010's join), per row by key.
+          AND EXISTS (SELECT 1 FROM public.outbox_events AS y WHERE y.id = d.event_id OFFSET 0)
+        RETURNING d.event_id, d.subscription_id, d.attempts
+    ),
+    -- The rows locked above whose event is gone (those the UPDATE left out), by the same addresses.
+    orphaned AS (
+        DELETE FROM public.outbox_deliveries AS d
+        WHERE d.ctid = ANY (ARRAY(SELECT c.tid FROM c))
+          AND NOT EXISTS (SELECT 1 FROM public.outbox_events AS y WHERE y.id = d.event_id OFFSET 0)
+        RETURNING 1
+    )
+    SELECT k.event_id, k.subscription_id, k.attempts, e.max_attempts,
+           e.tenant::text, e.event_type::text, e.aggregate_id, e.aggregate_type::text, e.payload::text,
+           to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+    FROM claimed AS k
+    CROSS JOIN LATERAL (
+        SELECT y.max_attempts, y.tenant, y.event_type, y.aggregate_id, y.aggregate_type, y.payload, y.created_at
+        FROM public.outbox_events AS y WHERE y.id = k.event_id
+        OFFSET 0
+    ) AS e;
+END
+$fn$;
