@@ -225,6 +225,46 @@ t.test('a delivery whose event was deleted is dropped at claim and does not hold
   t.equal(await count(db, "SELECT count(*)::int AS n FROM public.event_acknowledgments WHERE status = 'processed'"), ids.length, 'every real event acknowledged');
 });
 
+t.test('an outcome that cannot be recorded (its event deleted while it was sent) does not stop the others being recorded', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('tp');
+  await createTenant(db, T);
+  const recv = await startReceiver(t);
+  const sub = await subscribe(db, { tenant: T, userId: 5, url: recv.url(), timeoutMs: 500 });
+  recv.secrets.push(sub.secret);
+  // The first event's request is held until the test lets it go; everything else is answered at once.
+  let release: () => void = () => undefined;
+  const held = new Promise<void>((r) => (release = r));
+  recv.respond = async (r, res) => {
+    if (aggregateOf(r) === '1') await held;
+    answer(res, 200, 'ok');
+  };
+  // The lease (8 s) outlasts the wait for the other outcomes below (6 s): without the isolation of
+  // the refused outcome, they would only be recorded once the lease ran out and a claim dropped the
+  // orphaned delivery (sql/014), which unblocks the batch.
+  const relay = await startRelay(t, db.url, { ...NO_CIRCUIT, RELAY_LEASE_MS: '8000' });
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) VALUES (1, 'held')`]);
+  const [heldId] = await eventIds(db, T);
+  await waitFor(() => recv.pending === 1, 10_000, 'the first request to be held');
+  // Its event row goes away while the request is out (no acknowledgment can reference it now).
+  await db.query('DELETE FROM public.outbox_events WHERE id = $1', [heldId]);
+  // More outcomes queue up behind it, in the same batch once it is answered.
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(2, 11) g`]);
+  release();
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, 'w' || g FROM generate_series(12, 21) g`]);
+  const ids = await eventIds(db, T);
+  t.equal(ids.length, 20, 'twenty more events');
+  await waitFor(async () => (await unprocessed(db)) === 0 && (await count(db, "SELECT count(*)::int AS n FROM public.event_acknowledgments WHERE status = 'processed'")) === 20,
+    6_000, 'the other outcomes to be recorded, well before the lease of the refused one runs out', async () => ({ unprocessed: await unprocessed(db), errors: relay.logs.errors().map((l) => l.msg) }));
+  const givenUp = relay.logs.errors().filter((l) => /cannot be recorded and is given up/.test(String(l.msg)));
+  t.equal(givenUp.length, 1, 'one outcome given up, logged as an error');
+  t.match(givenUp[0], { eventId: heldId, subscription: sub.id, code: '23503' }, 'naming the delivery and the refusal');
+  // Its lease runs out; the next claim finds the delivery without its event and drops it (sql/014).
+  await waitFor(async () => (await count(db, 'SELECT count(*)::int AS n FROM public.outbox_deliveries')) === 0, 15_000, 'the orphaned delivery to be dropped');
+  t.equal(recv.requests.filter((r) => aggregateOf(r) === '1').length, 1, 'the deleted event was not sent again');
+  t.equal(await count(db, "SELECT count(*)::int AS n FROM public.event_acknowledgments WHERE status = 'processed'"), 20, 'every other event acknowledged');
+});
+
 t.test('slow, resetting, huge and redirecting receivers: handled, nothing lost, the relay keeps running', async (t) => {
   const db = await freshDatabase(t);
   const T = tenantName('tb');

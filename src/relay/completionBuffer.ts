@@ -3,6 +3,13 @@
  * that finished since the last call (results that arrive while a call runs go into the next one).
  * A failed call keeps its batch and is retried with backoff; if leases expire meanwhile, another
  * replica re-sends (at-least-once) and our late call is fenced off by the database.
+ *
+ * A batch refused for its data (SQLSTATE class 22 or 23: e.g. the acknowledgment of an event whose
+ * row was deleted while it was being sent) would be refused at every retry, and every outcome queued
+ * behind it with it: the relay would stop recording anything. Such a batch is split in halves, each
+ * recorded on its own, down to the outcome that is refused; that one is given up (logged as an
+ * error): its lease runs out and the delivery is claimed again (a claim drops it if its event is
+ * gone, see sql/014). Other errors (connection, timeout, schema) are retried whole, as before.
  */
 import type pg from 'pg';
 import { isRetryableDbError } from '../errors.js';
@@ -34,8 +41,16 @@ export interface CompletionOptions {
   onError?: (err: unknown) => void;
 }
 
+/** A refusal of the data itself, which no retry of the same batch can get past. */
+function refusedForData(err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === 'string' && /^2[23][0-9A-Z]{3}$/.test(code);
+}
+
 export class CompletionBuffer {
   private pending: CompletionItem[] = [];
+  /** Parts of a batch refused for its data, recorded one part at a time before anything else. */
+  private isolating: CompletionItem[][] = [];
   private flushing: Promise<void> | undefined;
   private failures = 0;
   private retryTimer: NodeJS.Timeout | undefined;
@@ -44,7 +59,7 @@ export class CompletionBuffer {
   constructor(private readonly options: CompletionOptions) {}
 
   get size(): number {
-    return this.pending.length;
+    return this.pending.length + this.isolating.reduce((n, part) => n + part.length, 0);
   }
 
   push(item: CompletionItem): void {
@@ -54,15 +69,16 @@ export class CompletionBuffer {
   }
 
   private flush(): void {
-    if (this.flushing || this.pending.length === 0) return;
+    if (this.flushing || this.size === 0) return;
     this.flushing = this.run().finally(() => {
       this.flushing = undefined;
-      if (this.pending.length > 0 && !this.retryTimer) this.flush();
+      if (this.size > 0 && !this.retryTimer) this.flush();
     });
   }
 
   private async run(): Promise<void> {
-    const batch = this.pending.splice(0, this.options.maxBatch ?? 1000);
+    const isolated = this.isolating.shift();
+    const batch = isolated ?? this.pending.splice(0, this.options.maxBatch ?? 1000);
     try {
       const { rows } = await this.options.pool.query<{ applied: number }>({ name: 'outbox-relay-complete', text: COMPLETE_SQL, values: [
         this.options.workerId,
@@ -82,12 +98,18 @@ export class CompletionBuffer {
       }
       this.options.onFlushed(batch, applied);
     } catch (err) {
-      this.pending.unshift(...batch);
+      if (refusedForData(err)) {
+        this.isolate(batch, err, !isolated);
+        return;
+      }
+      if (isolated) this.isolating.unshift(isolated);
+      else this.pending.unshift(...batch);
       this.failures++;
       this.options.onError?.(err);
       if (this.closed && this.failures > 3) {
-        this.options.logger.error({ lost: this.pending.length, err: (err as Error).message }, 'could not record outcomes before stopping; their leases expire and the deliveries are sent again');
+        this.options.logger.error({ lost: this.size, err: (err as Error).message }, 'could not record outcomes before stopping; their leases expire and the deliveries are sent again');
         this.pending = [];
+        this.isolating = [];
         return;
       }
       const delay = Math.min(5_000, 100 * 2 ** Math.min(this.failures, 6));
@@ -99,12 +121,29 @@ export class CompletionBuffer {
     }
   }
 
+  /** A batch refused for its data: its halves are recorded separately, a single outcome given up. */
+  private isolate(batch: CompletionItem[], err: unknown, first: boolean): void {
+    const pgErr = err as { code?: string; message?: string; detail?: string };
+    if (batch.length > 1) {
+      const half = Math.ceil(batch.length / 2);
+      this.isolating.unshift(batch.slice(0, half), batch.slice(half));
+      if (first) this.options.logger.warn({ outcomes: batch.length, code: pgErr.code, err: pgErr.message }, 'a batch of outcomes was refused for its data: recording it in parts to find the outcome at fault');
+      return;
+    }
+    const [item] = batch as [CompletionItem];
+    this.options.logger.error(
+      { eventId: item.eventId, subscription: item.subscriptionId, attempt: item.attempt, outcome: item.kind, code: pgErr.code, err: pgErr.message, detail: pgErr.detail },
+      'the outcome of this delivery cannot be recorded and is given up: its lease runs out and it is claimed again (dropped if its event no longer exists)',
+    );
+    this.options.onFlushed(batch, 0);
+  }
+
   /** Resolves when everything pushed so far is recorded (or given up on, after close()). */
   async drain(): Promise<void> {
     for (;;) {
       if (this.flushing) await this.flushing;
       else if (this.retryTimer) await new Promise((r) => setTimeout(r, 50));
-      else if (this.pending.length > 0) this.flush();
+      else if (this.size > 0) this.flush();
       else return;
     }
   }
