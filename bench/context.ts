@@ -100,6 +100,7 @@ export interface Results {
   isolation?: {
     healthy: RunFigures;
     soloRun: RunFigures;
+    soloAfterRun?: RunFigures;
     solo: { perSecond: number; from: string };
     ratio: number;
     deadConnections: number;

@@ -263,6 +263,7 @@ export function renderDetails(r: Results): string {
     const i = r.isolation;
     out.push(cpuLine('5 solo reference', i.soloRun));
     out.push(cpuLine('5 healthy beside dead', i.healthy));
+    if (i.soloAfterRun) out.push(cpuLine('5 solo reference, after', i.soloAfterRun));
     out.push(`    dead subscriber: ${int(i.deadEvents)} events, ${int(i.deadAttempts)} attempts made over ${i.deadConnections} connections while the healthy one drained`);
   }
   if (r.replicas) {
