@@ -189,6 +189,38 @@ t.test('validate-env in production with secrets from generate-secrets: exit 0', 
   t.match(same.stdout, /must differ/);
 });
 
+t.test('validate-env in production refuses encryption keys that are not random bytes, and reports them with the other problems', async (t) => {
+  const secrets = await freshSecrets();
+  const typed = Buffer.from('Tr0ub4dor&3-xkcd!QuizJumpsWvnG7z').toString('base64'); // 32 printable bytes, 27 distinct
+  for (const [what, key] of [['zeros', Buffer.alloc(32).toString('base64')], ['one repeated byte', Buffer.alloc(32, 0x61).toString('base64')], ['a typed phrase', typed]] as const) {
+    const res = await runCli(['validate-env', '--json'], { NODE_ENV: 'production', ...secrets, OUTBOX_ENCRYPTION_KEYS: `k1:${key}` });
+    t.equal(res.code, 78, `${what}: refused`);
+    const doc = JSON.parse(res.stdout) as { valid: boolean; problems: string[] };
+    t.same(doc.problems, [`OUTBOX_ENCRYPTION_KEYS: key "k1" does not look random (${what === 'a typed phrase' ? 'it is printable text, not random bytes' : 'too few distinct bytes for random data'}; \`outbox-relay generate-secrets\` makes one)`], `${what}: the one problem, naming the key id`);
+    t.notMatch(res.stdout + res.stderr, key, `${what}: the key is not printed`);
+  }
+  // `run` refuses such a key too, before it connects anywhere.
+  const run = await runCli(['run'], { NODE_ENV: 'production', ...secrets, OUTBOX_ENCRYPTION_KEYS: `k1:${Buffer.alloc(32).toString('base64')}`, DATABASE_URL: 'postgres://nobody@127.0.0.1:1/none' });
+  t.equal(run.code, 78, run.stderr);
+  t.match(run.stderr, /key "k1" does not look random/);
+  // A second, random key beside a weak one: only the weak one is named.
+  const good = secrets.OUTBOX_ENCRYPTION_KEYS as string;
+  const both = await runCli(['validate-env', '--json'], { NODE_ENV: 'production', ...secrets, OUTBOX_ENCRYPTION_KEYS: `${good},old:${Buffer.alloc(32).toString('base64')}` });
+  t.equal(both.code, 78);
+  t.match((JSON.parse(both.stdout) as { problems: string[] }).problems, [/key "old" does not look random/]);
+  // A malformed key no longer hides the weak secrets: every problem in one run.
+  const mixed = await runCli(['validate-env', '--json'], { NODE_ENV: 'production', ...secrets, JWT_SECRET: 'changeme', REFRESH_TOKEN_SECRET: 'changeme', OUTBOX_ENCRYPTION_KEYS: 'k1:abc' });
+  t.equal(mixed.code, 78);
+  const problems = (JSON.parse(mixed.stdout) as { problems: string[] }).problems;
+  t.ok(problems.some((p) => /OUTBOX_ENCRYPTION_KEYS.*32 bytes/.test(p)), 'the malformed key', { problems });
+  t.ok(problems.some((p) => /^JWT_SECRET is too short/.test(p)), 'and the weak JWT_SECRET', { problems });
+  t.ok(problems.some((p) => /^REFRESH_TOKEN_SECRET is too short/.test(p)), 'and the weak REFRESH_TOKEN_SECRET', { problems });
+  t.ok(problems.some((p) => /must differ/.test(p)), 'and that the two are equal', { problems });
+  // Outside production the key's shape is all that is checked (tests and demos use fixed keys).
+  const dev = await runCli(['validate-env'], { NODE_ENV: 'development', OUTBOX_ENCRYPTION_KEYS: `k1:${Buffer.alloc(32).toString('base64')}` });
+  t.equal(dev.code, 0, dev.stderr);
+});
+
 t.test('validate-env --json prints exactly one JSON document', async (t) => {
   const secrets = await freshSecrets();
   const ok = await runCli(['validate-env', '--json'], { NODE_ENV: 'production', ...secrets });

@@ -68,10 +68,14 @@ export function registerSecretCommands(program: Command, ctx: () => CommandConte
       let problems: string[] = [];
       let env = 'unknown';
       try {
-        const config = loadConfig({ configFile: c.globals.config, env: c.io.env });
-        env = config.env;
-        const required = config.env === 'production' ? ALL_SECRET_KEYS : [];
-        problems = secretProblems(config, required);
+        const config = loadConfig({
+          configFile: c.globals.config,
+          env: c.io.env,
+          checks: (loaded) => {
+            env = loaded.env;
+            return secretProblems(loaded, loaded.env === 'production' ? ALL_SECRET_KEYS : []);
+          },
+        });
         if (config.env !== 'production') {
           const missing = SECRET_SPECS.filter((s) => !config.secrets[s.key]).map((s) => s.env);
           if (!config.secrets.encryptionKeys) missing.push(ENCRYPTION_KEYS_ENV);

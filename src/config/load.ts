@@ -19,6 +19,11 @@ export interface LoadOptions {
   configFile?: string | undefined;
   /** The environment to read (default: process.env). */
   env?: Env;
+  /**
+   * More checks of the loaded values, reported with the others in one ConfigError (validate-env
+   * adds the secrets' strength, so that a malformed key does not hide a weak secret).
+   */
+  checks?: (config: Config) => string[];
 }
 
 const TRUE_WORDS = new Set(['true', '1', 'yes', 'on']);
@@ -295,6 +300,7 @@ export function loadConfig(options: LoadOptions = {}): Config {
   // a bad DB_PORT), but say nothing more about a key that already has a problem.
   const reported = new Set(problems.flatMap((p) => /^([\w.]+) \(([\w.]+)\)/.exec(p)?.slice(1, 3) ?? []));
   problems.push(...crossChecks(config).filter((p) => !reported.has(/^([\w.]+)/.exec(p)?.[1] ?? '')));
+  if (options.checks) problems.push(...options.checks(config));
   if (problems.length > 0) throw new ConfigError(problems);
   return deepFreeze(config);
 }

@@ -3,7 +3,7 @@
  * Pure functions: they never print or log a secret's value.
  */
 import { randomBytes } from 'node:crypto';
-import { generateKeyEntry } from '../subscriptions/secretCipher.js';
+import { generateKeyEntry, parseKeyring } from '../subscriptions/secretCipher.js';
 import type { Config } from './schema.js';
 
 /** A secret this tool knows: where it lives in the config, its env name and its minimum strength. */
@@ -26,7 +26,8 @@ export const SECRET_SPECS: readonly SecretSpec[] = [
 
 /**
  * OUTBOX_ENCRYPTION_KEYS is structured (`id:base64key,…`), so it is checked by its format (loadConfig
- * refuses a malformed one), not by the length and entropy rules of the secrets above.
+ * refuses a malformed one) and, in production, each key's bytes for signs that they were not drawn
+ * at random (see {@link keyWeakness}), not by the length and entropy rules of the secrets above.
  */
 export const ENCRYPTION_KEYS_ENV = 'OUTBOX_ENCRYPTION_KEYS';
 
@@ -101,6 +102,18 @@ export function weaknessOf(spec: SecretSpec, value: string): string | undefined 
 }
 
 /**
+ * Why 32 key bytes do not look random, or undefined. Random bytes have, with overwhelming
+ * probability, more than 20 distinct values (about 30 on average) and at least one outside printable
+ * ASCII (all 32 printable: about 1 in 10^14). A key made of zeros, one repeated byte, or a typed
+ * passphrase fails one or the other.
+ */
+export function keyWeakness(key: Buffer): string | undefined {
+  if (new Set(key).size < 20) return 'too few distinct bytes for random data';
+  if (key.every((b) => b >= 0x20 && b < 0x7f)) return 'it is printable text, not random bytes';
+  return undefined;
+}
+
+/**
  * Checks secrets. `required` lists the ones the caller needs (missing = problem); any secret that is
  * set is checked for strength in production, needed or not. Returns every problem at once.
  */
@@ -119,6 +132,18 @@ export function secretProblems(config: Config, required: readonly (keyof Config[
   }
   if (!config.secrets.encryptionKeys && required.includes('encryptionKeys')) {
     problems.push(`${ENCRYPTION_KEYS_ENV} is missing (set it, or ${ENCRYPTION_KEYS_ENV}_FILE; \`outbox-relay generate-secrets\` makes one)`);
+  }
+  if (config.env === 'production' && config.secrets.encryptionKeys) {
+    let keyring: ReturnType<typeof parseKeyring> | undefined;
+    try {
+      keyring = parseKeyring(config.secrets.encryptionKeys);
+    } catch {
+      // A malformed keyring is reported by loadConfig.
+    }
+    for (const [id, key] of keyring?.keys ?? []) {
+      const weak = keyWeakness(key);
+      if (weak) problems.push(`${ENCRYPTION_KEYS_ENV}: key "${id}" does not look random (${weak}; \`outbox-relay generate-secrets\` makes one)`);
+    }
   }
   if (config.env === 'production' && config.secrets.jwtSecret && config.secrets.jwtSecret === config.secrets.refreshTokenSecret) {
     problems.push('JWT_SECRET and REFRESH_TOKEN_SECRET must differ');
