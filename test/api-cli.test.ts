@@ -6,6 +6,8 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { writeFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { createServer } from 'node:net';
+import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { jwtVerify } from 'jose';
@@ -230,6 +232,18 @@ t.test('api: the sidecar process', async (t) => {
     const api = spawnApi(t, { DATABASE_URL: urlAs(db, plain, 'plain-pw'), JWT_SECRET: SECRET, NODE_ENV: 'production' });
     t.equal(await api.exited, 78);
     t.match(api.stderr(), /not registered.*api create-role/);
+  });
+
+  t.test('a port that is taken: one line naming the address and the setting, not a database error', async (t) => {
+    const holder = createServer();
+    await new Promise<void>((resolve) => holder.listen(0, '127.0.0.1', resolve));
+    t.teardown(() => new Promise<void>((resolve) => holder.close(() => resolve())));
+    const port = (holder.address() as AddressInfo).port;
+    const api = spawnApi(t, { DATABASE_URL: db.url, JWT_SECRET: SECRET, PORT: String(port) });
+    t.equal(await api.exited, 1);
+    t.match(api.stderr(), new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port} for the pull API: the address is already in use .*change PORT or API_HOST`));
+    t.notMatch(api.stderr(), /PostgreSQL/);
+    t.equal(api.stderr().trim().split('\n').filter((l) => l.startsWith('outbox-relay: error')).length, 1, 'one error line');
   });
 
   t.test('configuration errors exit 78', async (t) => {

@@ -5,6 +5,7 @@
  * PostgreSQL, stopped and started again under a running daemon); an open circuit shows in /metrics
  * and in `outbox-relay status`.
  */
+import { createServer, type AddressInfo } from 'node:net';
 import t from 'tap';
 import { freePort, startEmbeddedPostgres } from '../src/db/embeddedPostgres.js';
 import { runCli } from './helpers/cli.js';
@@ -66,6 +67,19 @@ async function waitForPort(relay: RelayProcess, base: string): Promise<void> {
     return (await status(base, '/healthz')) === 200;
   }, 30_000, 'the metrics port to answer', relay.diag);
 }
+
+t.test('a metrics port that is taken: the relay exits with one line naming the address and the setting', async (t) => {
+  const db = await freshDatabase(t);
+  const holder = createServer();
+  await new Promise<void>((resolve) => holder.listen(0, '127.0.0.1', resolve));
+  t.teardown(() => new Promise<void>((resolve) => holder.close(() => resolve())));
+  const port = (holder.address() as AddressInfo).port;
+  const relay = spawnRelay(t, db.url, { METRICS_ENABLED: 'true', METRICS_HOST: '127.0.0.1', METRICS_PORT: String(port) });
+  const { code } = await relay.exited;
+  t.equal(code, 1, relay.stderr());
+  t.match(relay.stderr(), new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port} for the metrics endpoint: the address is already in use .*change METRICS_PORT`));
+  t.notMatch(relay.stderr(), /PostgreSQL/, 'not mistaken for a database error');
+});
 
 t.test('a live daemon: /metrics passes promtool, carries the relay series with bounded labels; circuit open in /metrics and status', async (t) => {
   const promtool = which('promtool');

@@ -9,6 +9,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import type { AddressInfo } from 'node:net';
 import type pg from 'pg';
 import type { Config } from '../config/schema.js';
+import { listenError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { authSettings, TokenCache, type Principal } from './auth.js';
 import { CursorAdvancer, type CursorAdvancerOptions } from './cursorAdvancer.js';
@@ -106,9 +107,10 @@ export class ApiServer {
   /** Starts listening (port 0: any free port); resolves to the bound address. */
   async listen(port = this.api.port, host = this.api.host): Promise<AddressInfo> {
     await new Promise<void>((resolve, reject) => {
-      this.server.once('error', reject);
+      const fail = (err: unknown): void => reject(listenError(err, 'the pull API', host, port, 'PORT or API_HOST'));
+      this.server.once('error', fail);
       this.server.listen(port, host, () => {
-        this.server.off('error', reject);
+        this.server.off('error', fail);
         resolve();
       });
     });

@@ -6,6 +6,7 @@
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Registry } from 'prom-client';
+import { listenError } from '../errors.js';
 
 export interface ReadinessReport {
   ready: boolean;
@@ -57,9 +58,10 @@ export class MetricsServer {
     server.requestTimeout = 30_000;
     this.server = server;
     await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
+      const fail = (err: unknown): void => reject(listenError(err, 'the metrics endpoint', this.options.host, this.options.port, 'METRICS_PORT or METRICS_HOST (or METRICS_ENABLED=false)'));
+      server.once('error', fail);
       server.listen(this.options.port, this.options.host, () => {
-        server.off('error', reject);
+        server.off('error', fail);
         resolve();
       });
     });
