@@ -37,6 +37,7 @@ function checkSummary(t: Test, stdout: string): void {
   const s = parseSummary(stdout);
   t.ok(s.written > 0, `rows were written (${s.written})`);
   t.ok(s.delivered > 0, `webhooks were delivered and verified (${s.delivered})`);
+  t.equal(s.delivered, s.written, 'one webhook per row change: the summary shows nothing lost');
   t.equal(s.badSignatures, 0, 'no bad signatures');
   t.equal(s.duplicates, 0, 'no duplicates');
   t.ok(s.orderKept, 'per-aggregate order kept');

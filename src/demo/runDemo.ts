@@ -79,26 +79,31 @@ function prettyStream(out: (line: string) => void): Writable {
   });
 }
 
-/** One random row change, as an application would make. */
-async function writeOne(pool: pg.Pool, random: () => number): Promise<void> {
+/**
+ * One random row change, as an application would make; returns how many rows it changed (an update
+ * or delete that finds no row changes none, and is captured as nothing).
+ */
+async function writeOne(pool: pg.Pool, random: () => number): Promise<number> {
   const r = random();
+  let res: pg.QueryResult;
   if (r < 0.35) {
-    await pool.query('INSERT INTO demo_tenant.vendors (vendor_name, risk_score, tags) VALUES ($1, $2, $3)', [
+    res = await pool.query('INSERT INTO demo_tenant.vendors (vendor_name, risk_score, tags) VALUES ($1, $2, $3)', [
       `Vendor ${Math.floor(random() * 1e6)}`,
       (random() * 100).toFixed(2),
       ['demo', random() < 0.5 ? 'critical' : 'low'],
     ]);
   } else if (r < 0.75) {
     // Updates hit a few hot vendors, so per-aggregate ordering is exercised.
-    await pool.query('UPDATE demo_tenant.vendors SET risk_score = $1, updated_at = now() WHERE id = (SELECT id FROM demo_tenant.vendors ORDER BY id LIMIT 1 OFFSET $2)', [
+    res = await pool.query('UPDATE demo_tenant.vendors SET risk_score = $1, updated_at = now() WHERE id = (SELECT id FROM demo_tenant.vendors ORDER BY id LIMIT 1 OFFSET $2)', [
       (random() * 100).toFixed(2),
       Math.floor(random() * 5),
     ]);
   } else if (r < 0.95) {
-    await pool.query('INSERT INTO demo_tenant.projects (title, vendor_id) VALUES ($1, $2)', [`Project ${Math.floor(random() * 1e6)}`, 1 + Math.floor(random() * 5)]);
+    res = await pool.query('INSERT INTO demo_tenant.projects (title, vendor_id) VALUES ($1, $2)', [`Project ${Math.floor(random() * 1e6)}`, 1 + Math.floor(random() * 5)]);
   } else {
-    await pool.query('DELETE FROM demo_tenant.projects WHERE id = (SELECT min(id) FROM demo_tenant.projects)');
+    res = await pool.query('DELETE FROM demo_tenant.projects WHERE id = (SELECT min(id) FROM demo_tenant.projects)');
   }
+  return res.rowCount ?? 0;
 }
 
 const fmt = (n: number): string => n.toLocaleString('en-US');
@@ -168,18 +173,19 @@ export async function runDemo(options: DemoOptions): Promise<DemoSummary> {
     cleanups.push(() => writerPool.end());
     const baseline = Number((await admin.query<{ n: string }>('SELECT count(*) AS n FROM public.outbox_events')).rows[0]?.n ?? 0);
     let written = 0;
+    let statements = 0;
     let stopping = false;
     const interval = 1000 / Math.max(1, options.rate);
     out(`writing ${options.rate} row changes per second${options.durationSec ? ` for ${options.durationSec} s` : ''}; press Ctrl-C to stop\n`);
     const writer = (async () => {
       const start = Date.now();
       while (!stopping) {
-        const due = start + written * interval;
+        const due = start + statements * interval;
         const wait = due - Date.now();
         if (wait > 0) await new Promise((r) => setTimeout(r, wait));
         if (stopping) break;
-        await writeOne(writerPool, Math.random);
-        written++;
+        written += await writeOne(writerPool, Math.random);
+        statements++;
       }
     })();
 
