@@ -67,6 +67,8 @@ t.test('usage errors: exit 2, exactly one line on stderr, nothing on stdout', as
     [['validate-env', 'extra'], /too many arguments/],
     [['tenants', 'hash'], /missing required argument 'id'/],
     [['--config'], /argument missing/],
+    [['healthcheck', '--url', 'notaurl'], /--url must be an http:\/\/ URL/],
+    [['healthcheck', '--url', 'ftp://127.0.0.1/healthz'], /--url must be an http:\/\/ URL/],
   ];
   const results = await Promise.all(cases.map(([args]) => runCli(args)));
   cases.forEach(([args, message], i) => {

@@ -25,7 +25,7 @@ export function roleProblems(info: RoleInfo): string[] {
   if (info.superuser || info.bypass_rls) {
     return [
       `the database role "${info.role}" is ${info.superuser ? 'a superuser' : 'a BYPASSRLS role'}, which row-level security does not confine; ` +
-        'connect the sidecar as its own role (DB_USER), made with "outbox-relay api create-role"',
+        'connect the sidecar as its own role, made with "outbox-relay api create-role" (the user of DATABASE_URL, or DB_USER when DATABASE_URL is not set)',
     ];
   }
   if (!info.registered) {

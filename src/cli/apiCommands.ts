@@ -90,7 +90,7 @@ export function registerApiCommands(program: Command, ctx: () => CommandContext)
       c.print(opts.json, result, () =>
         [
           `role ${result.role} ${result.created ? 'created' : 'already existed'}${result.passwordSet ? '; password set' : ''}`,
-          `granted and registered in database ${result.database}: connect the sidecar with DB_USER=${result.role}`,
+          `granted and registered in database ${result.database}: connect the sidecar as ${result.role} (the user of its DATABASE_URL, or DB_USER=${result.role} when DATABASE_URL is not set)`,
         ].join('\n'),
       );
       if (result.created && !result.passwordSet) c.warn(`role ${result.role} has no password; set one with --password-file unless pg_hba.conf authenticates it otherwise`);

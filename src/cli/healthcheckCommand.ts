@@ -19,6 +19,14 @@ function probe(url: string, timeoutMs: number): Promise<number> {
   });
 }
 
+function isHttpUrl(value: string): boolean {
+  try {
+    return new URL(value).protocol === 'http:';
+  } catch {
+    return false;
+  }
+}
+
 export function registerHealthcheckCommand(program: Command, ctx: () => CommandContext): void {
   program
     .command('healthcheck')
@@ -29,6 +37,7 @@ export function registerHealthcheckCommand(program: Command, ctx: () => CommandC
       const c = ctx();
       const timeout = Number(opts.timeoutMs);
       if (!Number.isInteger(timeout) || timeout < 1) throw new UsageError('--timeout-ms must be a positive whole number');
+      if (opts.url !== undefined && !isHttpUrl(opts.url)) throw new UsageError(`--url must be an http:// URL, e.g. http://127.0.0.1:9464/healthz (got ${JSON.stringify(opts.url.slice(0, 200))})`);
       const urls = opts.url ? [opts.url] : [`http://127.0.0.1:${c.config.metrics.port}/healthz`, `http://127.0.0.1:${c.config.api.port}/healthz`];
       const failures: string[] = [];
       for (const url of urls) {
