@@ -68,12 +68,12 @@ t.test('migrate via the CLI on an empty database, twice', async (t) => {
   const env = { DATABASE_URL: db.url };
   const first = await runCli(['migrate'], env);
   t.equal(first.code, 0, `first run exits 0 (${first.stderr})`);
-  t.match(first.stdout, new RegExp(`^applied 001_outbox_core, 002_relay_queue, 003_capture, 004_tenant_registry.* \\(${N} migrations applied in all\\)\\n$`));
+  t.match(first.stdout, new RegExp(`^applied 001_outbox_core, 002_relay_queue, 003_capture, 004_tenant_registry.* to 127\\.0\\.0\\.1:\\d+/${db.name} \\(${N} migrations applied in all\\)\\n$`), 'names the database it migrated');
   t.same(await appliedRows(db), MIGRATIONS.map((m) => ({ version: m.version, name: m.name })), 'every migration recorded once, in order');
 
   const second = await runCli(['migrate'], env);
   t.equal(second.code, 0, 'second run exits 0');
-  t.equal(second.stdout, `database is up to date (${N} migrations applied)\n`, 'second run says up to date');
+  t.match(second.stdout, new RegExp(`^database 127\\.0\\.0\\.1:\\d+/${db.name} is up to date \\(${N} migrations applied\\)\\n$`), 'second run says up to date');
   t.equal(second.stderr, '', 'nothing on stderr');
 
   const json = await runCli(['migrate', '--json'], env);

@@ -266,6 +266,30 @@ t.test('remove --table, remove --schema, remove --all; list as text and JSON', a
   t.match(nothing.stdout, /nothing was captured there/);
 });
 
+t.test('without the event trigger (installed only by a superuser), migrate and install say that new tables are not captured', async (t) => {
+  const db = await freshDatabase(t);
+  // What a migration by a non-superuser leaves: no (enabled) event trigger.
+  await db.query('ALTER EVENT TRIGGER outbox_capture_new_tables DISABLE');
+  await db.query('CREATE SCHEMA tenant_ne; CREATE TABLE tenant_ne.items (id int PRIMARY KEY)');
+  const env = { DATABASE_URL: db.url };
+  const migrate = await runCli(['migrate'], env);
+  t.equal(migrate.code, 0, migrate.stderr);
+  t.match(migrate.stderr, /warning: tables created later are NOT captured automatically \(the event trigger needs a superuser/, 'migrate warns');
+  const install = await runCli(['triggers', 'install', '--schema', 'tenant_ne'], env);
+  t.equal(install.code, 0, install.stderr);
+  t.match(install.stdout, /^schemas captured as a whole: tenant_ne$/m, 'install does not claim new tables are included');
+  t.notMatch(install.stdout, /new tables included/);
+  t.match(install.stderr, /tables created later are NOT captured automatically/, 'and warns');
+  const json = await runCli(['triggers', 'install', '--schema', 'tenant_ne', '--json'], env);
+  t.match(JSON.parse(json.stdout), { schemas: ['tenant_ne'], autoCapture: false });
+  // With the event trigger there: no warning, and the claim is made.
+  await db.query('ALTER EVENT TRIGGER outbox_capture_new_tables ENABLE');
+  const again = await runCli(['triggers', 'install', '--schema', 'tenant_ne'], env);
+  t.match(again.stdout, /schemas captured as a whole \(new tables included\): tenant_ne/);
+  t.equal(again.stderr, '');
+  t.equal((await runCli(['migrate'], env)).stderr, '', 'migrate is quiet');
+});
+
 t.test('before migrate: a clear "run migrate first"', async (t) => {
   const db = await freshDatabase(t, { migrated: false });
   await db.query(`CREATE SCHEMA tenant_a; CREATE TABLE tenant_a.t (id integer PRIMARY KEY)`);

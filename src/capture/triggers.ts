@@ -19,6 +19,16 @@ export interface InstallReport {
   schemas: string[];
 }
 
+/** The warning for a database without the event trigger (it needs a superuser to install). */
+export const NO_AUTO_CAPTURE_WARNING =
+  'tables created later are NOT captured automatically (the event trigger needs a superuser to install: run "outbox-relay migrate" once as a superuser); until then re-run "triggers install" after creating tables';
+
+/** Whether the event trigger that captures tables created later in captured schemas is installed and enabled. */
+export async function autoCaptureInstalled(client: pg.ClientBase): Promise<boolean> {
+  const evt = await client.query(`SELECT 1 FROM pg_event_trigger WHERE evtname = 'outbox_capture_new_tables' AND evtenabled <> 'D'`);
+  return (evt.rowCount ?? 0) > 0;
+}
+
 /** Base tables of a schema (partitioned parents included, partitions not). */
 const SELECT_SCHEMA_TABLES = `
 SELECT c.relname::text AS table
@@ -263,7 +273,7 @@ export async function listCapture(client: pg.ClientBase): Promise<CaptureListing
   const settings = await client.query<{ all_schemas: boolean; excluded_schemas: string[] }>(
     'SELECT all_schemas, excluded_schemas FROM public.outbox_capture_settings',
   );
-  const evt = await client.query(`SELECT 1 FROM pg_event_trigger WHERE evtname = 'outbox_capture_new_tables' AND evtenabled <> 'D'`);
+  const autoCapture = await autoCaptureInstalled(client);
   return {
     tables: rows.map((r) => {
       const captured = r.triggers === 3;
@@ -276,6 +286,6 @@ export async function listCapture(client: pg.ClientBase): Promise<CaptureListing
     }),
     schemas: schemas.rows.map((r) => r.schema_name),
     allSchemas: { enabled: settings.rows[0]?.all_schemas ?? false, excluded: settings.rows[0]?.excluded_schemas ?? [] },
-    autoCapture: (evt.rowCount ?? 0) > 0,
+    autoCapture,
   };
 }

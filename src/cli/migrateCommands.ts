@@ -1,5 +1,7 @@
 /** `migrate` and `reset-db`: apply the schema, or (outside production) drop and re-apply it. */
 import type { Command } from 'commander';
+import { autoCaptureInstalled, NO_AUTO_CAPTURE_WARNING } from '../capture/triggers.js';
+import { describeTarget } from '../db/connection.js';
 import { migrate, loadMigrations } from '../db/migrate.js';
 import { resetDatabase } from '../db/reset.js';
 import { OutboxError } from '../errors.js';
@@ -13,12 +15,16 @@ export function registerMigrateCommands(program: Command, ctx: () => CommandCont
     .action(async (opts: { json?: boolean }) => {
       const c = ctx();
       const migrations = loadMigrations();
-      const result = await c.withClient((client) => migrate(client, migrations), 'outbox-relay-migrate');
+      const { result, autoCapture } = await c.withClient(async (client) => {
+        const applied = await migrate(client, migrations);
+        return { result: applied, autoCapture: await autoCaptureInstalled(client) };
+      }, 'outbox-relay-migrate');
       c.print(opts.json, { applied: result.applied, total: migrations.length }, () =>
         result.applied.length === 0
-          ? `database is up to date (${migrations.length} migrations applied)`
-          : `applied ${result.applied.map((m) => `${String(m.version).padStart(3, '0')}_${m.name}`).join(', ')} (${migrations.length} migrations applied in all)`,
+          ? `database ${describeTarget(c.config.database)} is up to date (${migrations.length} migrations applied)`
+          : `applied ${result.applied.map((m) => `${String(m.version).padStart(3, '0')}_${m.name}`).join(', ')} to ${describeTarget(c.config.database)} (${migrations.length} migrations applied in all)`,
       );
+      if (!autoCapture) c.warn(NO_AUTO_CAPTURE_WARNING);
     });
 
   program

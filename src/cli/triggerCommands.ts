@@ -1,6 +1,6 @@
 /** `triggers install|remove|list`: change capture on tenant tables. */
 import { Command } from 'commander';
-import { installAllSchemas, installSchema, listCapture, removeAll, removeSchema } from '../capture/triggers.js';
+import { autoCaptureInstalled, installAllSchemas, installSchema, listCapture, NO_AUTO_CAPTURE_WARNING, removeAll, removeSchema } from '../capture/triggers.js';
 import { UsageError } from '../errors.js';
 import type { CommandContext } from './context.js';
 import { requireMigrated } from './requireSchema.js';
@@ -25,18 +25,20 @@ export function registerTriggerCommands(program: Command, ctx: () => CommandCont
       if (!opts.allSchemas && opts.schema === undefined) throw new UsageError('say which schema: --schema S, or --all-schemas');
       if (!opts.allSchemas && opts.exclude.length > 0) throw new UsageError('--exclude goes with --all-schemas');
       const c = ctx();
-      const report = await c.withClient(async (client) => {
+      const { report, autoCapture } = await c.withClient(async (client) => {
         await requireMigrated(client);
-        return opts.allSchemas ? installAllSchemas(client, opts.exclude) : installSchema(client, opts.schema as string, opts.table);
+        const installed = opts.allSchemas ? await installAllSchemas(client, opts.exclude) : await installSchema(client, opts.schema as string, opts.table);
+        return { report: installed, autoCapture: await autoCaptureInstalled(client) };
       });
-      c.print(opts.json, report, () => {
+      c.print(opts.json, { ...report, autoCapture }, () => {
         const lines = report.installed.map((t) => `captured ${t.schema}.${t.table}`);
         lines.push(...report.skipped.map((t) => `skipped  ${t.schema}.${t.table}: ${t.reason}`));
-        if (report.schemas.length > 0) lines.push(`schemas captured as a whole (new tables included): ${report.schemas.join(', ')}`);
+        if (report.schemas.length > 0) lines.push(`schemas captured as a whole${autoCapture ? ' (new tables included)' : ''}: ${report.schemas.join(', ')}`);
         if (report.installed.length === 0 && report.skipped.length === 0) lines.push('no tables found');
         return lines.join('\n');
       });
       for (const s of report.skipped) if (s.reason === 'no primary key') c.warn(`${s.schema}.${s.table} has no primary key and is not captured`);
+      if (report.schemas.length > 0 && !autoCapture) c.warn(NO_AUTO_CAPTURE_WARNING);
     });
 
   triggers
@@ -85,7 +87,7 @@ export function registerTriggerCommands(program: Command, ctx: () => CommandCont
           : `schemas captured as a whole: ${listing.schemas.length ? listing.schemas.join(', ') : 'none'}`;
         const auto = listing.autoCapture
           ? 'tables created later in captured schemas are captured automatically'
-          : 'WARNING: tables created later are NOT captured automatically (the event trigger needs a superuser to install); re-run "triggers install" after creating tables';
+          : `WARNING: ${NO_AUTO_CAPTURE_WARNING}`;
         return `${table}\n\n${all}\n${auto}`;
       });
     });
