@@ -380,6 +380,57 @@ t.test('a delivery claimed ahead is not sent twice because its lease ran out whi
   t.notOk(relay.logs.has(/not recorded/), 'no outcome was fenced off as stale');
 });
 
+t.test('subscriptions update moves a subscription to a corrected URL: pending retries follow it, bad input changes nothing', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('tu');
+  await createTenant(db, T);
+  const recv = await startReceiver(t);
+  // A typo in the path: the receiver answers 404 there (retried), 200 at the right path.
+  const sub = await subscribe(db, { tenant: T, userId: 6, url: recv.url('/hoks') });
+  recv.secrets.push(sub.secret);
+  recv.respond = (r, res) => answer(res, r.path === '/hooks' ? 200 : 404, r.path === '/hooks' ? 'ok' : 'no such hook');
+  // Enough attempts, spaced out, that the deliveries are still retrying when the URL is corrected.
+  await startRelay(t, db.url, { ...NO_CIRCUIT, RETRY_MAX_ATTEMPTS: '100', RETRY_BASE_MS: '300', RETRY_MAX_MS: '600' });
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 5) g`]);
+  const ids = await eventIds(db, T);
+  await waitFor(() => recv.at('/hoks').length >= ids.length, 10_000, 'attempts at the wrong URL');
+  const env = { DATABASE_URL: db.url, WEBHOOK_ALLOW_PRIVATE_TARGETS: 'true' };
+  const before = await db.query('SELECT * FROM public.outbox_subscriptions WHERE id = $1', [sub.id]);
+
+  const bad: Array<[string[], RegExp]> = [
+    [[String(sub.id)], /nothing to change/],
+    [[String(sub.id), '--url', 'ftp://example.com/x'], /scheme must be https/],
+    [[String(sub.id), '--url', 'http://169.254.169.254/latest'], /private\/loopback\/link-local/],
+    [[String(sub.id), '--events', 'vendors-*'], /invalid event filter/],
+    [[String(sub.id), '--max-in-flight', '0'], /max in-flight must be from 1 to 1000/],
+    [[String(sub.id), '--timeout-ms', 'soon'], /timeout \(ms\) must be a whole number/],
+    [[String(sub.id), '--ordering', 'none'], /unknown option '--ordering'/],
+    [['999999', '--url', recv.url('/hooks')], /subscription 999999 does not exist/],
+    [['abc', '--url', recv.url('/hooks')], /subscription id must be a whole number/],
+  ];
+  for (const [args, message] of bad) {
+    // The loopback receiver is allowed as a target, except where the guard itself is tested.
+    const res = await runCli(['subscriptions', 'update', ...args], args.some((a) => a.includes('169.254')) ? { DATABASE_URL: db.url } : env);
+    t.equal(res.code, 2, `${args.join(' ')}: exit 2`);
+    t.match(res.stderr, message, `${args.join(' ')}: says why`);
+  }
+  t.same((await db.query('SELECT * FROM public.outbox_subscriptions WHERE id = $1', [sub.id])).rows, before.rows, 'refused updates changed nothing');
+
+  const res = await runCli(['subscriptions', 'update', String(sub.id), '--url', recv.url('/hooks'), '--max-in-flight', '4', '--events', 'vendors_*', '--json'], env);
+  t.equal(res.code, 0, res.stderr);
+  t.match(JSON.parse(res.stdout), { id: sub.id, url: recv.url('/hooks'), maxInFlight: 4, eventTypes: ['vendors_*'], tenant: T, userId: 6, ordering: 'aggregate' }, 'the subscription as listed, changed');
+  await waitFor(async () => recv.delivered.size === ids.length && (await unprocessed(db)) === 0, 15_000, 'every event delivered at the corrected URL');
+  t.ok([...recv.delivered.values()].every((r) => r.path === '/hooks'), 'all at the new URL');
+  const firstIds = new Set(recv.at('/hoks').map((r) => r.webhookId));
+  t.ok([...recv.delivered.values()].every((r) => firstIds.has(r.webhookId)), 'with the webhook-ids of the first attempts');
+  // The new filter applies to what is captured from now on.
+  await writeAll(db, [`INSERT INTO ${T}.projects (id, title) VALUES (1, 'not subscribed')`, `UPDATE ${T}.vendors SET name = 'x' WHERE id = 1`]);
+  await waitFor(async () => (await unprocessed(db)) === 0 && recv.delivered.size === ids.length + 1, 10_000, 'the vendors update delivered');
+  t.notOk(recv.requests.some((r) => r.body.includes('projects_insert')), 'a projects event is no longer sent');
+  const text = await runCli(['subscriptions', 'update', String(sub.id), '--timeout-ms', '3000'], env);
+  t.equal(text.stdout, `subscription ${sub.id} updated: timeoutMs\n`);
+});
+
 t.test('subscriptions add refuses invalid URLs and filters with exit 2 and a clear message', async (t) => {
   const db = await freshDatabase(t);
   const env = { DATABASE_URL: db.url };

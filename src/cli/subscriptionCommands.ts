@@ -1,4 +1,4 @@
-/** `subscriptions add|list|enable|disable|rotate-secret` and `replay`. */
+/** `subscriptions add|list|update|enable|disable|rotate-secret|reencrypt` and `replay`. */
 import type { Command } from 'commander';
 import { UsageError } from '../errors.js';
 import { parseEventFilter } from '../relay/eventFilter.js';
@@ -11,6 +11,7 @@ import {
   replay,
   reencryptSecrets,
   rotateSecret,
+  updateSubscription,
 } from '../subscriptions/store.js';
 import type { CommandContext } from './context.js';
 import { requireMigrated } from './requireSchema.js';
@@ -77,6 +78,33 @@ export function registerSubscriptionCommands(program: Command, ctx: () => Comman
               rows.map((r) => [r.id, r.tenant, r.userId, r.url, r.eventTypes.length ? r.eventTypes.join(',') : '*', r.ordering, r.enabled ? 'yes' : `no (${r.disabledReason ?? ''})`, r.pending, r.dead]),
             ),
       );
+    });
+
+  subs
+    .command('update')
+    .description('change a subscription\'s URL, event filter, processor, in-flight limit or timeout (tenant, user and ordering stay: add another subscription for those); unsent deliveries and retries go to the new URL')
+    .argument('<id>', 'subscription id')
+    .option('--url <url>', 'where to POST from now on (https; http outside production)')
+    .option('--events <filter>', 'event types, comma-separated, "*" wildcards; "*" for all (applies to events fanned out from now on)')
+    .option('--processor <name>', 'processor name written in acknowledgments')
+    .option('--max-in-flight <n>', 'concurrent requests per relay replica')
+    .option('--timeout-ms <ms>', 'request timeout')
+    .option('--json', 'print the subscription as listed, after the change')
+    .action(async (id: string, opts: { url?: string; events?: string; processor?: string; maxInFlight?: string; timeoutMs?: string; json?: boolean }) => {
+      const c = ctx();
+      const cfg = c.config;
+      const sid = parseSubscriptionId(id);
+      const { changed, row } = await c.withClient(async (client) => {
+        await requireMigrated(client);
+        const fields = await updateSubscription(
+          client,
+          sid,
+          { url: opts.url, events: opts.events, processor: opts.processor, maxInFlight: opts.maxInFlight, timeoutMs: opts.timeoutMs },
+          { production: cfg.env === 'production', allowHttp: cfg.webhook.allowHttp, allowPrivateTargets: cfg.webhook.allowPrivateTargets },
+        );
+        return { changed: fields, row: (await listSubscriptions(client)).find((r) => r.id === sid) };
+      });
+      c.print(opts.json, row, () => `subscription ${sid} updated: ${changed.join(', ')}`);
     });
 
   subs

@@ -156,6 +156,44 @@ async function requireSubscription(client: pg.ClientBase, id: number): Promise<{
   return rows[0];
 }
 
+/** What `subscriptions update` may change (tenant, user and ordering are fixed: see updateSubscription). */
+export interface SubscriptionChanges {
+  url?: string | undefined;
+  processor?: string | undefined;
+  events?: string | undefined;
+  maxInFlight?: number | string | undefined;
+  timeoutMs?: number | string | undefined;
+}
+
+const UPDATE_SUBSCRIPTION = `
+UPDATE public.outbox_subscriptions
+SET url = coalesce($2, url), processor = coalesce($3, processor), event_types = coalesce($4, event_types),
+    max_in_flight = coalesce($5, max_in_flight), timeout_ms = coalesce($6, timeout_ms), updated_at = now()
+WHERE id = $1`;
+
+/**
+ * Changes a subscription's URL, processor, event filter, in-flight limit or timeout; running relays
+ * pick the change up at once (NOTIFY). Deliveries not yet sent, retries included, go to the new URL
+ * with their webhook-id unchanged; a new filter applies to events fanned out from now on. Tenant and
+ * user are the subscription's identity (acknowledgments are written as that user), and ordering
+ * decides how pending deliveries were queued, so those are not changed here: add another
+ * subscription instead. Returns the names of the fields given.
+ */
+export async function updateSubscription(client: pg.ClientBase, idInput: number | string, changes: SubscriptionChanges, policy: UrlPolicy): Promise<string[]> {
+  const id = parseSubscriptionId(idInput);
+  const url = changes.url === undefined ? null : validateWebhookUrl(changes.url, policy).toString();
+  const processor = changes.processor === undefined ? null : parseProcessor(changes.processor);
+  const events = changes.events === undefined ? null : parseEventFilter(changes.events);
+  const maxInFlight = changes.maxInFlight === undefined ? null : parseIntIn('max in-flight', changes.maxInFlight, 1, 1000);
+  const timeoutMs = changes.timeoutMs === undefined ? null : parseIntIn('timeout (ms)', changes.timeoutMs, 100, 600_000);
+  const given = Object.entries({ url, processor, events, maxInFlight, timeoutMs }).filter(([, v]) => v !== null).map(([k]) => k);
+  if (given.length === 0) throw new UsageError('nothing to change: give at least one of --url, --events, --processor, --max-in-flight, --timeout-ms');
+  await requireSubscription(client, id);
+  await client.query(UPDATE_SUBSCRIPTION, [id, url, processor, events, maxInFlight, timeoutMs]);
+  await notifyChanged(client);
+  return given;
+}
+
 /** Enables a subscription; deliveries kept by a 410 Gone resume. */
 export async function enableSubscription(client: pg.ClientBase, idInput: number | string): Promise<void> {
   const id = parseSubscriptionId(idInput);
