@@ -112,7 +112,9 @@ export function toOutboxError(err: unknown): OutboxError {
     if (code === '28P01' || code === '28000') return new DatabaseUnavailableError(`PostgreSQL refused the login: ${err.message}`, err);
     if (code === '3D000') return new DatabaseUnavailableError(`${err.message} (check DB_NAME or DATABASE_URL)`, err);
     if (code === '57P03') return new DatabaseUnavailableError(`PostgreSQL is not accepting connections yet: ${err.message}`, err);
-    const extra = [err.detail, err.hint].filter(Boolean).join(' ');
+    // Permission errors name the relation but not the way out.
+    const ours = code === '42501' ? 'this database role lacks a privilege: run this command as the database owner; the pull API sidecar runs as a role made by "outbox-relay api create-role" (run it again after reset-db)' : undefined;
+    const extra = [err.detail, err.hint, ours].filter(Boolean).join(' ');
     return new OutboxError(code ? `PostgreSQL error ${code}: ${err.message}${extra ? ` (${extra})` : ''}` : err.message, code ? `E_PG_${code}` : 'E_INTERNAL', EXIT.failure, { cause: err });
   }
   return new OutboxError(String(err), 'E_INTERNAL', EXIT.failure, { cause: err });

@@ -234,6 +234,14 @@ t.test('api: the sidecar process', async (t) => {
     t.match(api.stderr(), /not registered.*api create-role/);
   });
 
+  t.test('a role without grants: the permission error says how to get them', async (t) => {
+    const bare = roleName(t, db);
+    await db.query(`CREATE ROLE ${bare} LOGIN PASSWORD 'bare-pw'`);
+    const api = spawnApi(t, { DATABASE_URL: urlAs(db, bare, 'bare-pw'), JWT_SECRET: SECRET });
+    t.not(await api.exited, 0);
+    t.match(api.stderr(), /PostgreSQL error 42501: permission denied .*run this command as the database owner; the pull API sidecar runs as a role made by "outbox-relay api create-role"/);
+  });
+
   t.test('a port that is taken: one line naming the address and the setting, not a database error', async (t) => {
     const holder = createServer();
     await new Promise<void>((resolve) => holder.listen(0, '127.0.0.1', resolve));

@@ -151,6 +151,10 @@ t.test('410 Gone disables the subscription and keeps its deliveries; enabling it
   t.ok(relay.logs.has(/410 Gone/), 'the relay says why it stopped');
   const sentWhileGone = recv.requests.length;
   t.ok(sentWhileGone >= 1 && sentWhileGone <= ids.length, `the relay stopped sending after the 410 (${sentWhileGone} requests)`);
+  t.equal(relay.logs.lines.filter((l) => /410 Gone: subscription disabled/.test(String(l.msg))).length, 1, `the disabling is said once, though ${sentWhileGone} requests were answered 410`);
+  const replayed = await runCli(['replay', '--subscription', String(sub.id), '--delivered'], { DATABASE_URL: db.url });
+  t.equal(replayed.code, 0, replayed.stderr);
+  t.match(replayed.stderr, new RegExp(`subscription ${sub.id} is disabled: its deliveries wait until "outbox-relay subscriptions enable ${sub.id}"`), 'replay says a disabled subscription is not sent to');
 
   gone = false;
   const res = await runCli(['subscriptions', 'enable', String(sub.id)], { DATABASE_URL: db.url });

@@ -15,7 +15,7 @@ export function registerDemoCommand(program: Command, ctx: () => CommandContext)
   program
     .command('demo')
     .description('run the whole pipeline locally: embedded PostgreSQL, capture, relay, a verifying receiver, a steady writer')
-    .option('--duration <seconds>', 'stop after this many seconds (default: run until Ctrl-C)', '0')
+    .option('--duration <seconds>', 'stop after this many seconds; 0 runs until Ctrl-C', '0')
     .option('--rate <n>', 'row changes per second', '200')
     .option('--fail-rate <share>', 'share of requests the receiver refuses on purpose, to show retries (0 to 0.9)', '0.02')
     .option('--database-url <url>', 'use this PostgreSQL instead of an embedded one (a demo_tenant schema is created there)')

@@ -33,9 +33,9 @@ export function registerSubscriptionCommands(program: Command, ctx: () => Comman
   subs
     .command('add')
     .description('subscribe a URL to a tenant\'s events, delivered as a user (prints the id and, once, the signing secret)')
-    .requiredOption('--tenant <schema>', 'tenant (its schema name)')
-    .requiredOption('--user <id>', 'the user the relay acknowledges as (integer)')
-    .requiredOption('--url <url>', 'where to POST (https; http outside production)')
+    .requiredOption('--tenant <schema>', 'tenant (its schema name) (required)')
+    .requiredOption('--user <id>', 'the user the relay acknowledges as (integer) (required)')
+    .requiredOption('--url <url>', 'where to POST (https; http outside production) (required)')
     .option('--processor <name>', 'processor name written in acknowledgments', 'flowgram.ai')
     .option('--events <filter>', 'event types, comma-separated, "*" wildcards (e.g. "vendors_*,projects_update"); default all')
     .option('--secret <whsec>', 'signing secret to use (default: a new random one)')
@@ -159,7 +159,8 @@ export function registerSubscriptionCommands(program: Command, ctx: () => Comman
         await requireMigrated(client);
         return rotateSecret(client, sid, grace, opts.secret, secretCipherFor(c));
       });
-      c.print(opts.json, { id: sid, ...res }, () => `new signing secret of subscription ${sid} (shown once): ${res.secret}\nthe previous secret signs too until ${res.previousValidUntil || 'now'}`);
+      c.print(opts.json, { id: sid, ...res }, () =>
+        `new signing secret of subscription ${sid} (shown once): ${res.secret}\n${grace > 0 && res.previousValidUntil ? `the previous secret signs too until ${res.previousValidUntil}` : 'the previous secret no longer signs'}`);
     });
 
   subs
@@ -192,9 +193,10 @@ export function registerSubscriptionCommands(program: Command, ctx: () => Comman
       const eventTypes = opts.eventType !== undefined ? parseEventFilter(opts.eventType) : undefined;
       const since = parseTime('--since', opts.since);
       const until = parseTime('--until', opts.until);
-      const queued = await c.withClient(async (client) => {
+      const { queued, disabled } = await c.withClient(async (client) => {
         await requireMigrated(client);
-        return replay(client, {
+        const { rows } = await client.query<{ id: number }>('SELECT id::int FROM public.outbox_subscriptions WHERE id = ANY($1::bigint[]) AND NOT enabled ORDER BY id', [subscriptionIds]);
+        const n = await replay(client, {
           mode: opts.delivered ? 'delivered' : 'dead',
           subscriptionIds,
           ...(opts.tenant !== undefined ? { tenant: opts.tenant } : {}),
@@ -202,7 +204,9 @@ export function registerSubscriptionCommands(program: Command, ctx: () => Comman
           ...(since ? { since } : {}),
           ...(until ? { until } : {}),
         });
+        return { queued: n, disabled: rows.map((r) => r.id) };
       });
       c.print(opts.json, { queued }, () => `${queued} deliveries queued`);
+      for (const id of disabled) c.warn(`subscription ${id} is disabled: its deliveries wait until "outbox-relay subscriptions enable ${id}"`);
     });
 }

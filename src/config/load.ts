@@ -232,7 +232,7 @@ function crossChecks(c: Config): string[] {
     try {
       parseKeyring(c.secrets.encryptionKeys);
     } catch (err) {
-      problems.push(`secrets.encryptionKeys (${(err as ConfigError).message})`);
+      problems.push(`secrets.encryptionKeys (OUTBOX_ENCRYPTION_KEYS): ${(err as ConfigError).message.replace(/^OUTBOX_ENCRYPTION_KEYS:? ?/, '')}`);
     }
   }
   if (c.database.poolMax < 2) problems.push('database.poolMax (DB_POOL_MAX): must be at least 2');

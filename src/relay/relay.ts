@@ -484,9 +484,10 @@ export class Relay extends EventEmitter<RelayEvents> {
       }
     }
     if (outcome.kind === 'gone') {
+      // Logged once: the other requests in flight when the receiver went away answer 410 too.
+      if (st.active) this.log.warn({ tenant: sub.tenant, subscription: sub.id }, 'receiver answered 410 Gone: subscription disabled, its deliveries are kept for when it is enabled again');
       st.active = false;
       this.releaseQueue(st);
-      this.log.warn({ tenant: sub.tenant, subscription: sub.id }, 'receiver answered 410 Gone: subscription disabled, its deliveries are kept for when it is enabled again');
     }
     this.emit('attempt', {
       subscriptionId: sub.id,
