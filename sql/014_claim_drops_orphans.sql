@@ -12,9 +12,21 @@
 --
 -- Such a delivery can never be sent (there is nothing to send), nor replayed or removed by retention
 -- (both start from the event), so the claim deletes it: the rows it locked and did not lease, by their
--- addresses (a TID scan, as the UPDATE) and the same per-row test of the event's key. Both data-
--- modifying CTEs run in full whether or not the result reads them. Otherwise outbox_claim is 012's,
--- and its results are the same.
+-- addresses (a TID scan, as the UPDATE) and the same per-row test of the event's key.
+--
+-- A deleted delivery may be the head of an ordering lane, with the aggregate's later deliveries
+-- waiting behind it; only a recorded outcome promoted the next one (outbox_complete), so the claim
+-- now promotes those lanes itself, in a second statement (it sees the deletion) under the lane lock
+-- taken shared, as outbox_complete does (see 005). The lock is taken only when such a lane exists,
+-- after the rows were locked: a concurrent disable or replay (exclusive lock, then row locks) could
+-- then deadlock with it, which PostgreSQL detects and the relay retries; taking it on every claim
+-- would make every claim wait for every other replica's fan-out instead. A fan-out that saw the
+-- deleted head as live queued its deliveries as waiting and committed before the lock was granted,
+-- so the promotion (a new snapshot) sees them. The relay-retries test covers a lane whose head is
+-- such a delivery.
+--
+-- The leased rows are collected first and their events looked up per row after that (as 012 did in
+-- one statement). Otherwise outbox_claim is 012's, and its results are the same.
 
 CREATE OR REPLACE FUNCTION public.outbox_claim(subscription_ids bigint[], capacities integer[], leases_ms integer[], worker text)
 RETURNS SETOF public.outbox_claimed
@@ -23,8 +35,13 @@ SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
 SET plan_cache_mode = force_generic_plan
 AS $fn$
+DECLARE
+    ev_ids       bigint[];
+    ev_subs      bigint[];
+    ev_attempts  integer[];
+    orphan_subs  bigint[];
+    orphan_lanes bigint[];
 BEGIN
-    RETURN QUERY
     WITH c AS (
         SELECT x.tid
         FROM unnest(subscription_ids, capacities) AS s(sub, cap)
@@ -52,16 +69,31 @@ BEGIN
         DELETE FROM public.outbox_deliveries AS d
         WHERE d.ctid = ANY (ARRAY(SELECT c.tid FROM c))
           AND NOT EXISTS (SELECT 1 FROM public.outbox_events AS y WHERE y.id = d.event_id OFFSET 0)
-        RETURNING 1
+        RETURNING d.subscription_id, d.lane
     )
-    SELECT k.event_id, k.subscription_id, k.attempts, e.max_attempts,
-           e.tenant::text, e.event_type::text, e.aggregate_id, e.aggregate_type::text, e.payload::text,
-           to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
-    FROM claimed AS k
-    CROSS JOIN LATERAL (
-        SELECT y.max_attempts, y.tenant, y.event_type, y.aggregate_id, y.aggregate_type, y.payload, y.created_at
-        FROM public.outbox_events AS y WHERE y.id = k.event_id
-        OFFSET 0
-    ) AS e;
+    SELECT (SELECT array_agg(k.event_id) FROM claimed AS k),
+           (SELECT array_agg(k.subscription_id) FROM claimed AS k),
+           (SELECT array_agg(k.attempts) FROM claimed AS k),
+           (SELECT array_agg(o.subscription_id) FROM orphaned AS o WHERE o.lane IS NOT NULL),
+           (SELECT array_agg(o.lane) FROM orphaned AS o WHERE o.lane IS NOT NULL)
+      INTO ev_ids, ev_subs, ev_attempts, orphan_subs, orphan_lanes;
+
+    IF orphan_subs IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock_shared(7411201005);
+        PERFORM public.outbox_promote_lanes(orphan_subs, orphan_lanes);
+    END IF;
+
+    IF ev_ids IS NOT NULL THEN
+        RETURN QUERY
+        SELECT k.event_id, k.subscription_id, k.attempts, e.max_attempts,
+               e.tenant::text, e.event_type::text, e.aggregate_id, e.aggregate_type::text, e.payload::text,
+               to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+        FROM unnest(ev_ids, ev_subs, ev_attempts) AS k(event_id, subscription_id, attempts)
+        CROSS JOIN LATERAL (
+            SELECT y.max_attempts, y.tenant, y.event_type, y.aggregate_id, y.aggregate_type, y.payload, y.created_at
+            FROM public.outbox_events AS y WHERE y.id = k.event_id
+            OFFSET 0
+        ) AS e;
+    END IF;
 END
 $fn$;

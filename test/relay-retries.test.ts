@@ -219,12 +219,23 @@ t.test('a delivery whose event was deleted is dropped at claim and does not hold
   // deliveries, older than any other, whose event does not exist.
   await db.query(`INSERT INTO public.outbox_deliveries (event_id, subscription_id, state, next_attempt_at)
                   VALUES (900000001, $1, 'ready', now() - interval '1 hour'), (900000002, $1, 'ready', now() - interval '1 hour')`, [sub.id]);
-  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 6) g`]);
+  await writeAll(db, [
+    `INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 6) g`,
+    `UPDATE ${T}.vendors SET name = 'second' WHERE id = 6`,
+  ]);
   const ids = await eventIds(db, T);
+  // And one at the head of vendor 6's ordering lane: both of vendor 6's events queue behind it
+  // (waiting) when they are fanned out, and only its removal can let them go.
+  const { rows: [lane] } = await db.query<{ lane: string }>(
+    "SELECT public.outbox_lane(aggregate_type, aggregate_id)::text AS lane FROM public.outbox_events WHERE tenant = $1 AND aggregate_id = '6' LIMIT 1", [T]);
+  await db.query(`INSERT INTO public.outbox_deliveries (event_id, subscription_id, lane, state, next_attempt_at)
+                  VALUES (900000003, $1, $2, 'ready', now() - interval '1 hour')`, [sub.id, lane?.lane]);
   await startRelay(t, db.url, NO_CIRCUIT);
   await waitFor(async () => recv.delivered.size === ids.length && (await unprocessed(db)) === 0, 15_000, 'every real event delivered',
     async () => ({ delivered: recv.delivered.size, deliveries: (await db.query('SELECT event_id, state, locked_by FROM public.outbox_deliveries')).rows }));
   t.equal(recv.requests.length, ids.length, 'each real event sent once, nothing for the orphans');
+  const v6 = [...recv.delivered.values()].filter((r) => aggregateOf(r) === '6').map((r) => (JSON.parse(r.body) as { event_type: string }).event_type);
+  t.same(v6, ['vendors_insert', 'vendors_update'], 'the lane behind the orphaned head moved on, in order');
   t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.outbox_deliveries'), 0, 'the orphaned deliveries are gone, not locked and skipped forever');
   t.equal(await count(db, "SELECT count(*)::int AS n FROM public.event_acknowledgments WHERE status = 'processed'"), ids.length, 'every real event acknowledged');
 });
