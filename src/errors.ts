@@ -29,14 +29,15 @@ export class OutboxError extends Error {
  * A server that could not bind its port, as an error that names the address and the settings to
  * change (not a "PostgreSQL error", which is how any coded error would otherwise read).
  */
-export function listenError(err: unknown, what: string, host: string, port: number, settings: string): unknown {
+export function listenError(err: unknown, what: string, host: string, port: number, settings: string): OutboxError {
   const code = (err as { code?: unknown } | null)?.code;
   const reason = code === 'EADDRINUSE' ? 'the address is already in use (another process listens there)'
     : code === 'EACCES' ? 'permission denied (ports below 1024 need privileges)'
     : code === 'EADDRNOTAVAIL' ? 'no network interface has that address'
-    : undefined;
-  if (!reason) return err;
-  return new OutboxError(`cannot listen on ${host}:${port} for ${what}: ${reason}; change ${settings}`, `E_LISTEN_${String(code)}`, EXIT.failure, { cause: err });
+    : code === 'ENOTFOUND' || code === 'EAI_AGAIN' ? 'the host name does not resolve'
+    : (err as { message?: unknown } | null)?.message ? String((err as { message: unknown }).message)
+    : String(err);
+  return new OutboxError(`cannot listen on ${host}:${port} for ${what}: ${reason}; change ${settings}`, `E_LISTEN_${typeof code === 'string' ? code : 'FAILED'}`, EXIT.failure, { cause: err });
 }
 
 /** Invalid configuration (file, environment, secrets). Exit 78. */

@@ -79,6 +79,12 @@ t.test('a metrics port that is taken: the relay exits with one line naming the a
   t.equal(code, 1, relay.stderr());
   t.match(relay.stderr(), new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port} for the metrics endpoint: the address is already in use .*change METRICS_PORT`));
   t.notMatch(relay.stderr(), /PostgreSQL/, 'not mistaken for a database error');
+  // Any other listen failure reads the same way (here a host name that cannot resolve: names under
+  // .invalid never do).
+  const unresolvable = spawnRelay(t, db.url, { METRICS_ENABLED: 'true', METRICS_HOST: 'no-such-host.invalid', METRICS_PORT: '0' });
+  t.equal((await unresolvable.exited).code, 1, unresolvable.stderr());
+  t.match(unresolvable.stderr(), /cannot listen on no-such-host\.invalid:0 for the metrics endpoint: .*change METRICS_PORT or METRICS_HOST/);
+  t.notMatch(unresolvable.stderr(), /PostgreSQL|cannot reach/, 'not mistaken for a database error');
 });
 
 t.test('a live daemon: /metrics passes promtool, carries the relay series with bounded labels; circuit open in /metrics and status', async (t) => {

@@ -1,7 +1,7 @@
 /** `generate-secrets` and `validate-env`, as in the seed's deployment workflow. */
 import { constants, openSync, renameSync, writeSync, closeSync, fsyncSync } from 'node:fs';
 import type { Command } from 'commander';
-import { ALL_SECRET_KEYS, ENCRYPTION_KEYS_ENV, generateSecrets, secretProblems, SECRET_SPECS } from '../config/secrets.js';
+import { ALL_SECRET_KEYS, ENCRYPTION_KEYS_ENV, generateSecrets, keyringWarnings, SECRET_SPECS, secretProblems } from '../config/secrets.js';
 import { loadConfig } from '../config/load.js';
 import { ConfigError, OutboxError } from '../errors.js';
 import type { CommandContext } from './context.js';
@@ -76,6 +76,7 @@ export function registerSecretCommands(program: Command, ctx: () => CommandConte
             return secretProblems(loaded, loaded.env === 'production' ? ALL_SECRET_KEYS : []);
           },
         });
+        for (const w of keyringWarnings(config)) c.warn(w);
         if (config.env !== 'production') {
           const missing = SECRET_SPECS.filter((s) => !config.secrets[s.key]).map((s) => s.env);
           if (!config.secrets.encryptionKeys) missing.push(ENCRYPTION_KEYS_ENV);

@@ -103,14 +103,30 @@ export function weaknessOf(spec: SecretSpec, value: string): string | undefined 
 
 /**
  * Why 32 key bytes do not look random, or undefined. Random bytes have, with overwhelming
- * probability, more than 20 distinct values (about 30 on average) and at least one outside printable
+ * probability, 20 or more distinct values (about 30 on average) and at least one outside printable
  * ASCII (all 32 printable: about 1 in 10^14). A key made of zeros, one repeated byte, or a typed
  * passphrase fails one or the other.
  */
 export function keyWeakness(key: Buffer): string | undefined {
+  // At least 20 distinct bytes.
   if (new Set(key).size < 20) return 'too few distinct bytes for random data';
   if (key.every((b) => b >= 0x20 && b < 0x7f)) return 'it is printable text, not random bytes';
   return undefined;
+}
+
+/** Older (decrypt-only) keys that do not look random: worth re-encrypting away from, not refusing. */
+export function keyringWarnings(config: Config): string[] {
+  if (config.env !== 'production' || !config.secrets.encryptionKeys) return [];
+  let keyring: ReturnType<typeof parseKeyring>;
+  try {
+    keyring = parseKeyring(config.secrets.encryptionKeys);
+  } catch {
+    return [];
+  }
+  return keyring.ids.slice(1).filter((id) => {
+    const key = keyring.keys.get(id);
+    return key !== undefined && keyWeakness(key) !== undefined;
+  }).map((id) => `${ENCRYPTION_KEYS_ENV}: the older key "${id}" does not look random; run \`outbox-relay subscriptions reencrypt\` and then remove it`);
 }
 
 /**
@@ -140,10 +156,13 @@ export function secretProblems(config: Config, required: readonly (keyof Config[
     } catch {
       // A malformed keyring is reported by loadConfig.
     }
-    for (const [id, key] of keyring?.keys ?? []) {
-      const weak = keyWeakness(key);
-      if (weak) problems.push(`${ENCRYPTION_KEYS_ENV}: key "${id}" does not look random (${weak}; \`outbox-relay generate-secrets\` makes one)`);
-    }
+    // Only the first key encrypts. Older keys stay listed to decrypt what they encrypted until
+    // `subscriptions reencrypt` has run, so a weak one there must not stop a rotation away from it
+    // (see keyringWarnings).
+    const first = keyring?.ids[0];
+    const key = first === undefined ? undefined : keyring?.keys.get(first);
+    const weak = key && keyWeakness(key);
+    if (weak) problems.push(`${ENCRYPTION_KEYS_ENV}: key "${first}" does not look random (${weak}; \`outbox-relay generate-secrets\` makes one)`);
   }
   if (config.env === 'production' && config.secrets.jwtSecret && config.secrets.jwtSecret === config.secrets.refreshTokenSecret) {
     problems.push('JWT_SECRET and REFRESH_TOKEN_SECRET must differ');
