@@ -395,6 +395,28 @@ t.test('a delivery claimed ahead is not sent twice because its lease ran out whi
   t.notOk(relay.logs.has(/not recorded/), 'no outcome was fenced off as stale');
 });
 
+t.test('when every outcome is refused (a constraint refuses them all), the relay stops giving outcomes up and waits for the fix', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('tr');
+  await createTenant(db, T);
+  const recv = await startReceiver(t);
+  const sub = await subscribe(db, { tenant: T, userId: 7, url: recv.url(), timeoutMs: 500 });
+  recv.secrets.push(sub.secret);
+  // An operator's constraint that no acknowledgment passes: every 'ok' outcome is refused (23514).
+  await db.query('ALTER TABLE public.event_acknowledgments ADD CONSTRAINT test_refuse_all CHECK (false) NOT VALID');
+  const relay = await startRelay(t, db.url, { ...NO_CIRCUIT, RELAY_LEASE_MS: '3000' });
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 20) g`]);
+  const ids = await eventIds(db, T);
+  await waitFor(() => relay.logs.has(/outcome after outcome is refused for its data/), 10_000, 'the relay to see that the refusals are systemic');
+  const givenUp = relay.logs.errors().filter((l) => /cannot be recorded and is given up/.test(String(l.msg))).length;
+  t.ok(givenUp <= 8, `at most 8 outcomes given up before it stops giving up (${givenUp})`);
+  await db.query('ALTER TABLE public.event_acknowledgments DROP CONSTRAINT test_refuse_all');
+  await waitFor(async () => (await unprocessed(db)) === 0, 20_000, 'every event recorded once the constraint is gone', async () => ({ unprocessed: await unprocessed(db) }));
+  t.equal(await count(db, "SELECT count(*)::int AS n FROM public.event_acknowledgments WHERE status = 'processed'"), ids.length, 'every event acknowledged');
+  const extra = recv.requests.length - ids.length;
+  t.ok(extra <= givenUp, `re-sent at most the given-up ones (${extra} extra requests, ${givenUp} given up)`);
+});
+
 t.test('subscriptions update moves a subscription to a corrected URL: pending retries follow it, bad input changes nothing', async (t) => {
   const db = await freshDatabase(t);
   const T = tenantName('tu');
@@ -444,6 +466,40 @@ t.test('subscriptions update moves a subscription to a corrected URL: pending re
   t.notOk(recv.requests.some((r) => r.body.includes('projects_insert')), 'a projects event is no longer sent');
   const text = await runCli(['subscriptions', 'update', String(sub.id), '--timeout-ms', '3000'], env);
   t.equal(text.stdout, `subscription ${sub.id} updated: timeoutMs\n`);
+});
+
+t.test('a longer timeout set by subscriptions update gives back the deliveries queued under the old lease', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('tl');
+  await createTenant(db, T);
+  const recv = await startReceiver(t);
+  // One slot: one delivery is sent (held here), one waits in the relay's prefetch queue.
+  // The held request must not time out during the test: an 8 s timeout, raised to 20 s.
+  const sub = await subscribe(db, { tenant: T, userId: 8, url: recv.url(), maxInFlight: 1, timeoutMs: 8000, ordering: 'none' });
+  recv.secrets.push(sub.secret);
+  let release: () => void = () => undefined;
+  const held = new Promise<void>((r) => (release = r));
+  recv.respond = async (r, res) => {
+    if (r.seq === 0) await held;
+    answer(res, 200, 'ok');
+  };
+  await startRelay(t, db.url, NO_CIRCUIT);
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 3) g`]);
+  await waitFor(async () => recv.pending === 1 && (await count(db, 'SELECT count(*)::int AS n FROM public.outbox_deliveries WHERE locked_by IS NOT NULL')) === 2, 10_000, 'one delivery sent and one queued');
+  const sentId = recv.requests[0]?.webhookId;
+  const leased = async () => (await db.query<{ id: string; at: string }>(
+    "SELECT 'msg_' || event_id || '_' || subscription_id AS id, last_attempt_at::text AS at FROM public.outbox_deliveries WHERE locked_by IS NOT NULL")).rows;
+  const queued = (await leased()).find((r) => r.id !== sentId);
+  t.ok(queued, 'the queued delivery is leased');
+  const res = await runCli(['subscriptions', 'update', String(sub.id), '--timeout-ms', '20000'], { DATABASE_URL: db.url, WEBHOOK_ALLOW_PRIVATE_TARGETS: 'true' });
+  t.equal(res.code, 0, res.stderr);
+  // Given back: its lease under the old timeout is gone (the next claim may take it or another one).
+  await waitFor(async () => !(await leased()).some((r) => r.id === queued?.id && r.at === queued?.at), 5_000, 'the queued delivery to be given back',
+    async () => ({ queued, now: await leased() }));
+  t.equal(recv.pending, 1, 'the first request is still held');
+  release();
+  await waitFor(async () => recv.delivered.size === 3 && (await unprocessed(db)) === 0, 10_000, 'all three delivered');
+  t.equal(recv.requests.length, 3, 'each sent once');
 });
 
 t.test('subscriptions add refuses invalid URLs and filters with exit 2 and a clear message', async (t) => {

@@ -37,7 +37,7 @@ export function registerHealthcheckCommand(program: Command, ctx: () => CommandC
       const c = ctx();
       const timeout = Number(opts.timeoutMs);
       if (!Number.isInteger(timeout) || timeout < 1) throw new UsageError('--timeout-ms must be a positive whole number');
-      if (opts.url !== undefined && !isHttpUrl(opts.url)) throw new UsageError(`--url must be an http:// URL, e.g. http://127.0.0.1:9464/healthz (got ${JSON.stringify(opts.url.slice(0, 200))})`);
+      if (opts.url !== undefined && !isHttpUrl(opts.url)) throw new UsageError(`--url must be an http:// URL, e.g. http://127.0.0.1:9464/healthz (got ${JSON.stringify(opts.url.slice(0, 200).replace(/\/\/[^/@]*@/, '//***@'))})`);
       const urls = opts.url ? [opts.url] : [`http://127.0.0.1:${c.config.metrics.port}/healthz`, `http://127.0.0.1:${c.config.api.port}/healthz`];
       const failures: string[] = [];
       for (const url of urls) {

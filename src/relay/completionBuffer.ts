@@ -41,6 +41,13 @@ export interface CompletionOptions {
   onError?: (err: unknown) => void;
 }
 
+/**
+ * After this many outcomes given up in a row with nothing recorded in between, refusals are taken to
+ * be systemic (a constraint or trigger that refuses every outcome), not one outcome's data: giving
+ * every outcome up would re-send every delivery after its lease, so the buffer retries instead.
+ */
+const SYSTEMIC_AFTER = 8;
+
 /** A refusal of the data itself, which no retry of the same batch can get past. */
 function refusedForData(err: unknown): boolean {
   const code = (err as { code?: unknown } | null)?.code;
@@ -53,6 +60,8 @@ export class CompletionBuffer {
   private isolating: CompletionItem[][] = [];
   private flushing: Promise<void> | undefined;
   private failures = 0;
+  /** Outcomes given up since the last batch that was recorded. */
+  private givenUp = 0;
   private retryTimer: NodeJS.Timeout | undefined;
   private closed = false;
 
@@ -93,12 +102,13 @@ export class CompletionBuffer {
       ] });
       const applied = rows[0]?.applied ?? 0;
       this.failures = 0;
+      this.givenUp = 0;
       if (applied < batch.length) {
         this.options.logger.warn({ submitted: batch.length, applied }, 'some outcomes were not recorded: their leases had expired and another replica took over');
       }
       this.options.onFlushed(batch, applied);
     } catch (err) {
-      if (refusedForData(err)) {
+      if (refusedForData(err) && !(batch.length === 1 && this.givenUp >= SYSTEMIC_AFTER)) {
         this.isolate(batch, err, !isolated);
         return;
       }
@@ -113,7 +123,12 @@ export class CompletionBuffer {
         return;
       }
       const delay = Math.min(5_000, 100 * 2 ** Math.min(this.failures, 6));
-      if (!isRetryableDbError(err)) this.options.logger.error({ err: (err as Error).message }, 'recording outcomes failed');
+      if (refusedForData(err)) {
+        this.options.logger.error(
+          { givenUp: this.givenUp, code: (err as { code?: string }).code, err: (err as Error).message },
+          'outcome after outcome is refused for its data: something refuses them all (a constraint or trigger?); retrying instead of giving more up',
+        );
+      } else if (!isRetryableDbError(err)) this.options.logger.error({ err: (err as Error).message }, 'recording outcomes failed');
       this.retryTimer = setTimeout(() => {
         this.retryTimer = undefined;
         this.flush();
@@ -131,6 +146,7 @@ export class CompletionBuffer {
       return;
     }
     const [item] = batch as [CompletionItem];
+    this.givenUp++;
     this.options.logger.error(
       { eventId: item.eventId, subscription: item.subscriptionId, attempt: item.attempt, outcome: item.kind, code: pgErr.code, err: pgErr.message, detail: pgErr.detail },
       'the outcome of this delivery cannot be recorded and is given up: its lease runs out and it is claimed again (dropped if its event no longer exists)',

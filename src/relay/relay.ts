@@ -570,8 +570,13 @@ export class Relay extends EventEmitter<RelayEvents> {
       seen.add(sub.id);
       const st = this.subs.get(sub.id);
       if (st) {
+        // Queued deliveries were leased for the old timeout and slot count (see leaseFor); with a
+        // longer timeout or fewer slots they could outwait their lease and be claimed again while
+        // still queued here, so they go back (no attempt counted) and are claimed afresh.
+        const leasesTooShort = sub.timeoutMs > st.sub.timeoutMs || sub.maxInFlight < st.sub.maxInFlight;
         st.sub = sub;
         st.active = true;
+        if (leasesTooShort) this.releaseQueue(st);
       } else {
         this.subs.set(sub.id, {
           sub,

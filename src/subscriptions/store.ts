@@ -188,8 +188,8 @@ export async function updateSubscription(client: pg.ClientBase, idInput: number 
   const timeoutMs = changes.timeoutMs === undefined ? null : parseIntIn('timeout (ms)', changes.timeoutMs, 100, 600_000);
   const given = Object.entries({ url, processor, events, maxInFlight, timeoutMs }).filter(([, v]) => v !== null).map(([k]) => k);
   if (given.length === 0) throw new UsageError('nothing to change: give at least one of --url, --events, --processor, --max-in-flight, --timeout-ms');
-  await requireSubscription(client, id);
-  await client.query(UPDATE_SUBSCRIPTION, [id, url, processor, events, maxInFlight, timeoutMs]);
+  const { rowCount } = await client.query(UPDATE_SUBSCRIPTION, [id, url, processor, events, maxInFlight, timeoutMs]);
+  if (!rowCount) throw new UsageError(`subscription ${id} does not exist`);
   await notifyChanged(client);
   return given;
 }
