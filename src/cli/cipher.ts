@@ -2,7 +2,7 @@
  * The cipher for subscription signing secrets: AES-256-GCM with OUTBOX_ENCRYPTION_KEYS, required in
  * production; outside production secrets are stored plain, with one warning per process.
  */
-import { keyringWarnings, secretProblems } from '../config/secrets.js';
+import { encryptionKeyProblems, keyringWarnings } from '../config/secrets.js';
 import { ConfigError } from '../errors.js';
 import { createSecretCipher, plainCipher, type SecretCipher } from '../subscriptions/secretCipher.js';
 import type { CommandContext } from './context.js';
@@ -13,7 +13,7 @@ export function secretCipherFor(ctx: CommandContext, warn: (message: string) => 
   const config = ctx.config;
   if (config.secrets.encryptionKeys) {
     // In production, a key that is not random bytes (zeros, a typed phrase) is refused, as validate-env does.
-    const weak = secretProblems(config, []).filter((p) => p.startsWith('OUTBOX_ENCRYPTION_KEYS'));
+    const weak = encryptionKeyProblems(config);
     if (weak.length > 0) throw new ConfigError(weak);
     for (const w of keyringWarnings(config)) warn(w);
     return createSecretCipher(config.secrets.encryptionKeys);

@@ -3,7 +3,7 @@
  * Pure functions: they never print or log a secret's value.
  */
 import { randomBytes } from 'node:crypto';
-import { generateKeyEntry, parseKeyring } from '../subscriptions/secretCipher.js';
+import { generateKeyEntry, parseKeyring, type Keyring } from '../subscriptions/secretCipher.js';
 import type { Config } from './schema.js';
 
 /** A secret this tool knows: where it lives in the config, its env name and its minimum strength. */
@@ -26,8 +26,9 @@ export const SECRET_SPECS: readonly SecretSpec[] = [
 
 /**
  * OUTBOX_ENCRYPTION_KEYS is structured (`id:base64key,…`), so it is checked by its format (loadConfig
- * refuses a malformed one) and, in production, each key's bytes for signs that they were not drawn
- * at random (see {@link keyWeakness}), not by the length and entropy rules of the secrets above.
+ * refuses a malformed one) and, in production, by the bytes of its first (encrypting) key for signs
+ * that they were not drawn at random (see {@link encryptionKeyProblems}), not by the length and
+ * entropy rules of the secrets above.
  */
 export const ENCRYPTION_KEYS_ENV = 'OUTBOX_ENCRYPTION_KEYS';
 
@@ -108,21 +109,38 @@ export function weaknessOf(spec: SecretSpec, value: string): string | undefined 
  * passphrase fails one or the other.
  */
 export function keyWeakness(key: Buffer): string | undefined {
-  // At least 20 distinct bytes.
   if (new Set(key).size < 20) return 'too few distinct bytes for random data';
   if (key.every((b) => b >= 0x20 && b < 0x7f)) return 'it is printable text, not random bytes';
   return undefined;
 }
 
+/** The keyring of a production config, or undefined (not production, not set, or malformed: loadConfig reports that). */
+function productionKeyring(config: Config): Keyring | undefined {
+  if (config.env !== 'production' || !config.secrets.encryptionKeys) return undefined;
+  try {
+    return parseKeyring(config.secrets.encryptionKeys);
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * In production, the first (encrypting) key must look random. Older keys stay listed to decrypt what
+ * they encrypted until `subscriptions reencrypt` has run, so a weak one there must not stop a
+ * rotation away from it: it is a warning ({@link keyringWarnings}).
+ */
+export function encryptionKeyProblems(config: Config): string[] {
+  const keyring = productionKeyring(config);
+  const first = keyring?.ids[0];
+  const key = first === undefined ? undefined : keyring?.keys.get(first);
+  const weak = key && keyWeakness(key);
+  return weak ? [`${ENCRYPTION_KEYS_ENV}: key "${first}" does not look random (${weak}; \`outbox-relay generate-secrets\` makes one)`] : [];
+}
+
 /** Older (decrypt-only) keys that do not look random: worth re-encrypting away from, not refusing. */
 export function keyringWarnings(config: Config): string[] {
-  if (config.env !== 'production' || !config.secrets.encryptionKeys) return [];
-  let keyring: ReturnType<typeof parseKeyring>;
-  try {
-    keyring = parseKeyring(config.secrets.encryptionKeys);
-  } catch {
-    return [];
-  }
+  const keyring = productionKeyring(config);
+  if (!keyring) return [];
   return keyring.ids.slice(1).filter((id) => {
     const key = keyring.keys.get(id);
     return key !== undefined && keyWeakness(key) !== undefined;
@@ -149,21 +167,7 @@ export function secretProblems(config: Config, required: readonly (keyof Config[
   if (!config.secrets.encryptionKeys && required.includes('encryptionKeys')) {
     problems.push(`${ENCRYPTION_KEYS_ENV} is missing (set it, or ${ENCRYPTION_KEYS_ENV}_FILE; \`outbox-relay generate-secrets\` makes one)`);
   }
-  if (config.env === 'production' && config.secrets.encryptionKeys) {
-    let keyring: ReturnType<typeof parseKeyring> | undefined;
-    try {
-      keyring = parseKeyring(config.secrets.encryptionKeys);
-    } catch {
-      // A malformed keyring is reported by loadConfig.
-    }
-    // Only the first key encrypts. Older keys stay listed to decrypt what they encrypted until
-    // `subscriptions reencrypt` has run, so a weak one there must not stop a rotation away from it
-    // (see keyringWarnings).
-    const first = keyring?.ids[0];
-    const key = first === undefined ? undefined : keyring?.keys.get(first);
-    const weak = key && keyWeakness(key);
-    if (weak) problems.push(`${ENCRYPTION_KEYS_ENV}: key "${first}" does not look random (${weak}; \`outbox-relay generate-secrets\` makes one)`);
-  }
+  problems.push(...encryptionKeyProblems(config));
   if (config.env === 'production' && config.secrets.jwtSecret && config.secrets.jwtSecret === config.secrets.refreshTokenSecret) {
     problems.push('JWT_SECRET and REFRESH_TOKEN_SECRET must differ');
   }
