@@ -26,7 +26,9 @@
 -- such a delivery.
 --
 -- The leased rows are collected first and their events looked up per row after that (as 012 did in
--- one statement). Otherwise outbox_claim is 012's, and its results are the same.
+-- one statement). Whether a locked delivery's event exists is looked up once per row, on the primary
+-- key (see live below), for both the UPDATE and the DELETE. Otherwise outbox_claim is 012's, and
+-- its results are the same.
 
 CREATE OR REPLACE FUNCTION public.outbox_claim(subscription_ids bigint[], capacities integer[], leases_ms integer[], worker text)
 RETURNS SETOF public.outbox_claimed
@@ -43,15 +45,31 @@ DECLARE
     orphan_lanes bigint[];
 BEGIN
     WITH c AS (
-        SELECT x.tid
+        SELECT x.tid, x.event_id, sb.tenant
         FROM unnest(subscription_ids, capacities) AS s(sub, cap)
+        JOIN public.outbox_subscriptions AS sb ON sb.id = s.sub
         CROSS JOIN LATERAL (
-            SELECT d.ctid AS tid FROM public.outbox_deliveries AS d
+            SELECT d.ctid AS tid, d.event_id FROM public.outbox_deliveries AS d
             WHERE d.subscription_id = s.sub AND d.state = 'ready' AND d.next_attempt_at <= now()
             ORDER BY d.next_attempt_at
             LIMIT greatest(s.cap, 0)
             FOR UPDATE SKIP LOCKED
         ) AS x
+    ),
+    -- Whether each locked delivery's event exists, one lookup per row by tenant and id. By id alone
+    -- (012's EXISTS), a plan made on tables analysed while empty used idx_outbox_tenant_id (tenant,
+    -- id) with the id as a mere filter: the whole index once per row (a 60-row claim beside 200,000
+    -- events took 14 ms, and 146 ms when the lookup also read the row; 1.9 ms like this, PostgreSQL
+    -- 15, autovacuum off). With the tenant, both that index and the primary key are point lookups. A delivery's event always has its subscription's
+    -- tenant (fan-out and replay match on it); one that does not must never be sent, and goes as an
+    -- orphan.
+    live AS (
+        SELECT c.tid, e.id IS NOT NULL AS alive
+        FROM c
+        LEFT JOIN LATERAL (
+            SELECT y.id FROM public.outbox_events AS y WHERE y.tenant = c.tenant AND y.id = c.event_id
+            OFFSET 0
+        ) AS e ON true
     ),
     claimed AS (
         UPDATE public.outbox_deliveries AS d
@@ -59,16 +77,13 @@ BEGIN
             next_attempt_at = now() + leases_ms[array_position(subscription_ids, d.subscription_id)] * interval '1 millisecond',
             locked_by = worker,
             last_attempt_at = now()
-        WHERE d.ctid = ANY (ARRAY(SELECT c.tid FROM c))
-          -- A delivery whose event is gone is not leased (as with 010's join), per row by key.
-          AND EXISTS (SELECT 1 FROM public.outbox_events AS y WHERE y.id = d.event_id OFFSET 0)
+        WHERE d.ctid = ANY (ARRAY(SELECT l.tid FROM live AS l WHERE l.alive))
         RETURNING d.event_id, d.subscription_id, d.attempts
     ),
-    -- The rows locked above whose event is gone (those the UPDATE left out), by the same addresses.
+    -- The rows locked above whose event is gone, by the same addresses.
     orphaned AS (
         DELETE FROM public.outbox_deliveries AS d
-        WHERE d.ctid = ANY (ARRAY(SELECT c.tid FROM c))
-          AND NOT EXISTS (SELECT 1 FROM public.outbox_events AS y WHERE y.id = d.event_id OFFSET 0)
+        WHERE d.ctid = ANY (ARRAY(SELECT l.tid FROM live AS l WHERE NOT l.alive))
         RETURNING d.subscription_id, d.lane
     )
     SELECT (SELECT array_agg(k.event_id) FROM claimed AS k),
@@ -89,9 +104,10 @@ BEGIN
                e.tenant::text, e.event_type::text, e.aggregate_id, e.aggregate_type::text, e.payload::text,
                to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
         FROM unnest(ev_ids, ev_subs, ev_attempts) AS k(event_id, subscription_id, attempts)
+        JOIN public.outbox_subscriptions AS sb ON sb.id = k.subscription_id
         CROSS JOIN LATERAL (
             SELECT y.max_attempts, y.tenant, y.event_type, y.aggregate_id, y.aggregate_type, y.payload, y.created_at
-            FROM public.outbox_events AS y WHERE y.id = k.event_id
+            FROM public.outbox_events AS y WHERE y.tenant = sb.tenant AND y.id = k.event_id
             OFFSET 0
         ) AS e;
     END IF;
