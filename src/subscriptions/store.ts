@@ -68,6 +68,10 @@ export function parseSubscriptionId(value: number | string): number {
   return parseIntIn('subscription id', value, 1, Number.MAX_SAFE_INTEGER);
 }
 
+/** A subscription's in-flight limit and request timeout: the bounds of the table's CHECK constraints. */
+const parseMaxInFlight = (value: number | string): number => parseIntIn('max in-flight', value, 1, 1000);
+const parseTimeoutMs = (value: number | string): number => parseIntIn('timeout (ms)', value, 100, 600_000);
+
 function parseOrdering(value: string | undefined): Ordering {
   if (value === undefined || value === 'aggregate') return 'aggregate';
   if (value === 'none') return 'none';
@@ -108,8 +112,8 @@ export async function addSubscription(
   const processor = parseProcessor(input.processor);
   const events = parseEventFilter(input.events);
   const ordering = parseOrdering(input.ordering);
-  const maxInFlight = input.maxInFlight === undefined ? defaults.maxInFlight : parseIntIn('max in-flight', input.maxInFlight, 1, 1000);
-  const timeoutMs = input.timeoutMs === undefined ? defaults.timeoutMs : parseIntIn('timeout (ms)', input.timeoutMs, 100, 600_000);
+  const maxInFlight = input.maxInFlight === undefined ? defaults.maxInFlight : parseMaxInFlight(input.maxInFlight);
+  const timeoutMs = input.timeoutMs === undefined ? defaults.timeoutMs : parseTimeoutMs(input.timeoutMs);
   const secret = input.secret ?? generateSigningSecret();
   secretKey(secret);
   await client.query('BEGIN');
@@ -184,8 +188,8 @@ export async function updateSubscription(client: pg.ClientBase, idInput: number 
   const url = changes.url === undefined ? null : validateWebhookUrl(changes.url, policy).toString();
   const processor = changes.processor === undefined ? null : parseProcessor(changes.processor);
   const events = changes.events === undefined ? null : parseEventFilter(changes.events);
-  const maxInFlight = changes.maxInFlight === undefined ? null : parseIntIn('max in-flight', changes.maxInFlight, 1, 1000);
-  const timeoutMs = changes.timeoutMs === undefined ? null : parseIntIn('timeout (ms)', changes.timeoutMs, 100, 600_000);
+  const maxInFlight = changes.maxInFlight === undefined ? null : parseMaxInFlight(changes.maxInFlight);
+  const timeoutMs = changes.timeoutMs === undefined ? null : parseTimeoutMs(changes.timeoutMs);
   const given = Object.entries({ url, processor, events, maxInFlight, timeoutMs }).filter(([, v]) => v !== null).map(([k]) => k);
   if (given.length === 0) throw new UsageError('nothing to change: give at least one of --url, --events, --processor, --max-in-flight, --timeout-ms');
   const { rowCount } = await client.query(UPDATE_SUBSCRIPTION, [id, url, processor, events, maxInFlight, timeoutMs]);
