@@ -83,8 +83,9 @@ export interface Results {
   latency?: LatencyFigures & { intervalMs: number; notifyMode: string };
   capture?: {
     connections: number;
-    single: { none: WriterFigures; always: WriterFigures; idleBusy: WriterFigures };
-    multi: { none: WriterFigures; idleBusy: WriterFigures; always: WriterFigures };
+    /** `reference`: the least a trigger can do (see bench/sections/capture.ts). */
+    single: { none: WriterFigures; always: WriterFigures; idleBusy: WriterFigures; reference?: WriterFigures };
+    multi: { none: WriterFigures; idleBusy: WriterFigures; always: WriterFigures; reference?: WriterFigures };
     wakeupWhenIdle: boolean;
   };
   drain?: RunFigures & {

@@ -2,7 +2,7 @@
  * The results as a table (one row per figure: ours, the peer's, the ratio, the issue's target and
  * whether it was met), the details under it (CPU by role, drain slices, notes), and the JSON document.
  */
-import type { LatencyFigures, Options, Results, RunFigures } from './context.js';
+import type { LatencyFigures, Options, Results, RunFigures, WriterFigures } from './context.js';
 import type { Machine } from './procstat.js';
 
 export interface Row {
@@ -138,6 +138,20 @@ export function buildRows(r: Results, opts: Options): Row[] {
       target: '>= 50% of no trigger',
       met: yesNo(m.idleBusy.rowsPerSecond / m.none.rowsPerSecond >= 0.5),
     });
+    for (const [shape, f, unit] of [['single-row', s, 'statements/s'], ['100-row', m, 'rows/s']] as const) {
+      const ref = f.reference;
+      if (!ref) continue;
+      const rate = (x: WriterFigures): number => (unit === 'rows/s' ? x.rowsPerSecond : x.perSecond);
+      rows.push({
+        id: '3',
+        what: `${shape} ${unit}: reference trigger (the least a capture can do: the row as JSON into a table with only a key) vs no trigger; ours vs the reference`,
+        ours: `${int(rate(ref))} vs ${int(rate(f.none))} = ${pct(rate(ref) / rate(f.none))}; ours ${pct(rate(f.idleBusy) / rate(ref))} of it`,
+        peer: '-',
+        ratio: '-',
+        target: '(info: the machine\'s ceiling)',
+        met: '-',
+      });
+    }
   }
   const d = r.drain;
   if (d) {
@@ -253,6 +267,8 @@ export function renderDetails(r: Results): string {
     out.push(`  3 capture (${c.connections} writers, ${c.single.none.seconds.toFixed(0)} s each; wakeup once the relay is idle: ${c.wakeupWhenIdle ? 'works' : 'NOT SEEN'}):`);
     out.push(w('single-row, no trigger', c.single.none), w('single-row, trigger, notify always', c.single.always), w('single-row, trigger, notify idle, relay busy', c.single.idleBusy));
     out.push(w('100-row, no trigger', c.multi.none), w('100-row, trigger, notify idle, relay busy', c.multi.idleBusy), w('100-row, trigger, notify always', c.multi.always));
+    if (c.single.reference) out.push(w('single-row, reference trigger', c.single.reference));
+    if (c.multi.reference) out.push(w('100-row, reference trigger', c.multi.reference));
   }
   if (r.drain) {
     const d = r.drain;
