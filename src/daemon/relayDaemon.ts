@@ -1,12 +1,14 @@
 /**
- * `outbox-relay run`: a pool, the relay, the metrics port, the queue sampler and the retention
- * schedule, started and stopped in order. No signal handling here: the CLI owns the process.
+ * `outbox-relay run`: a pool, the relay, the metrics port, the queue sampler, the stranded-event
+ * sweep and the retention schedule, started and stopped in order. No signal handling here: the CLI
+ * owns the process.
  */
 import type pg from 'pg';
 import type { Config } from '../config/schema.js';
 import { createPool } from '../db/connection.js';
 import type { Logger } from '../log.js';
 import { RetentionSchedule } from '../maintenance/retentionSchedule.js';
+import { StrandedSweep } from '../maintenance/strandedSweep.js';
 import { MetricsServer, type ReadinessReport } from '../metrics/metricsServer.js';
 import { QueueSampler } from '../metrics/queueSampler.js';
 import { RelayMetrics } from '../metrics/relayMetrics.js';
@@ -42,6 +44,7 @@ export class RelayDaemon {
   private readonly metricsServer: MetricsServer | undefined;
   private readonly sampler: QueueSampler;
   private readonly retention: RetentionSchedule | undefined;
+  private readonly stranded: StrandedSweep | undefined;
   private readonly circuits: CircuitRecorder;
   private readonly abort = new AbortController();
   private stopping: Promise<void> | undefined;
@@ -76,6 +79,8 @@ export class RelayDaemon {
       });
     }
     if (config.retention.enabled && config.relay.enabled) this.retention = new RetentionSchedule(this.pool, config.retention, logger);
+    // Standby relays claim nothing, so they queue nothing either.
+    if (config.relay.enabled) this.stranded = new StrandedSweep({ pool: this.pool, logger });
   }
 
   /** The port /metrics listens on (after start), or undefined when metrics are off. */
@@ -122,6 +127,7 @@ export class RelayDaemon {
     // The queue gauges exist for the metrics port; without it the sampler's queries are wasted.
     if (this.metricsServer) this.sampler.start();
     this.retention?.start();
+    this.stranded?.start();
   }
 
   /** Stops everything in order (idempotent): claiming and sending first, the metrics port last. */
@@ -130,6 +136,7 @@ export class RelayDaemon {
       this.abort.abort();
       const log = this.options.logger;
       await this.retention?.stop().catch((err: unknown) => log.error({ err: String(err) }, 'retention stop failed'));
+      await this.stranded?.stop();
       await this.relay.stop().catch((err: unknown) => log.error({ err: String(err) }, 'relay stop failed'));
       await this.sampler.stop().catch(() => undefined);
       await this.circuits.clear();

@@ -23,13 +23,18 @@ acks AS (DELETE FROM public.event_acknowledgments AS a USING doomed AS d WHERE a
 events AS (DELETE FROM public.outbox_events AS e USING doomed AS d WHERE e.id = d.id RETURNING 1)
 SELECT (SELECT count(*)::int FROM events) AS events, (SELECT count(*)::int FROM acks) AS acks, 0 AS deliveries`;
 
-/** Unprocessed events older than the dead cutoff whose deliveries are all dead (none live, none queued). */
+/**
+ * Unprocessed events older than the dead cutoff whose deliveries are all dead (at least one, none live,
+ * none queued). An event with no delivery at all was never fanned out (written around capture): the
+ * relays queue it (sql/015), retention must not delete it.
+ */
 const DELETE_DEAD = `
 WITH doomed AS (
   SELECT e.id FROM public.outbox_events AS e
   WHERE e.created_at < $1 AND e.processed_at IS NULL
     AND NOT EXISTS (SELECT 1 FROM public.outbox_fanout_queue AS q WHERE q.event_id = e.id)
     AND NOT EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id AND d.state <> 'dead')
+    AND EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id AND d.state = 'dead')
   ORDER BY e.created_at
   LIMIT $2
   FOR UPDATE SKIP LOCKED

@@ -57,12 +57,25 @@ WHERE NOT s.enabled
    OR EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.subscription_id = s.id AND d.state = 'dead')
 ORDER BY s.id`;
 
+/**
+ * Unprocessed events older than a minute that were never fanned out nor queued: written around
+ * capture and public.outbox_write_event (sql/015). A running relay queues them within a minute.
+ */
+const STRANDED = `
+SELECT count(*)::bigint AS n FROM public.outbox_events AS e
+WHERE e.processed_at IS NULL AND e.created_at < now() - interval '1 minute'
+  AND NOT EXISTS (SELECT 1 FROM public.outbox_fanout_queue AS q WHERE q.event_id = e.id)
+  AND NOT EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id)
+  AND NOT EXISTS (SELECT 1 FROM public.event_acknowledgments AS a WHERE a.event_id = e.id AND a.source = 'relay')`;
+
 export interface StatusReport {
   events: Array<{ tenant: string; event_type: string; total_events: number; processed: number; pending: number; failed: number }>;
   acknowledgments: Array<{ user_id: number; processor: string; status: string; acknowledgment_count: number }>;
   processingTime: Array<{ event_type: string; avg_processing_time_seconds: number }>;
   lag: Array<{ tenant: string; unprocessed: number; oldest_seconds: number }>;
   attention: Array<{ id: number; tenant: string; userId: number; enabled: boolean; disabledReason: string | null; circuits: Array<{ worker: string; state: string; since: string }> | null; dead: number }>;
+  /** Events written without a fan-out queue entry, not yet queued by a relay (see STRANDED). */
+  stranded: number;
 }
 
 const num = (v: unknown): number => Number(v);
@@ -75,6 +88,7 @@ export async function statusReport(client: pg.ClientBase): Promise<StatusReport>
   const times = await client.query(PROCESSING_TIME);
   const lag = await client.query(LAG);
   const attention = await client.query(ATTENTION);
+  const stranded = await client.query<{ n: string }>(STRANDED);
   return {
     events: events.rows
       .map((r) => ({ tenant: r.tenant, event_type: r.event_type, total_events: num(r.total_events), processed: num(r.processed), pending: num(r.pending), failed: num(r.failed) }))
@@ -87,5 +101,6 @@ export async function statusReport(client: pg.ClientBase): Promise<StatusReport>
       .sort((a, b) => a.event_type.localeCompare(b.event_type)),
     lag: lag.rows.map((r) => ({ tenant: r.tenant, unprocessed: num(r.unprocessed), oldest_seconds: num(r.oldest_seconds) })),
     attention: attention.rows,
+    stranded: num(stranded.rows[0]?.n ?? 0),
   };
 }
