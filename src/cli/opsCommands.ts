@@ -60,7 +60,10 @@ export function registerOpsCommands(program: Command, ctx: () => CommandContext)
       try {
         const result = await c.withClient(async (client) => {
           await requireMigrated(client);
-          return runRetention(pool, { ...config.retention, logger: c.logger });
+          // The result is printed below: the daemon's "retention finished" line would only repeat it
+          // on stderr (LOG_LEVEL=debug keeps every line).
+          const logger = c.logger.isLevelEnabled('debug') ? c.logger : c.logger.child({}, { level: 'warn' });
+          return runRetention(pool, { ...config.retention, logger });
         });
         c.print(opts.json, result, () =>
           result.skipped
