@@ -4,6 +4,7 @@
  * once, never a secret's value). The environment is always passed explicitly; process.env is not touched.
  */
 import { chmodSync, mkdirSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import t, { type Test } from 'tap';
@@ -391,4 +392,27 @@ t.test('a secret file readable only by others is refused with its path (not as r
   const err = configError(t, { env: { JWT_SECRET_FILE: join(dir, 'locked') } });
   t.match(err.problems[0], /JWT_SECRET_FILE.*EACCES/);
   t.notMatch(visible(err), SECRET_A);
+});
+
+t.test("a URL's sslmode means what libpq means (node-postgres reads it so, without its warning)", async (t) => {
+  // node-postgres's own reading of the options a client gets (what pg.Client does with them).
+  const ConnectionParameters = createRequire(import.meta.url)('pg/lib/connection-parameters') as new (c: object) => { ssl: unknown };
+  const sslOf = (url: string): unknown => new ConnectionParameters(connectionOptions(loadConfig({ env: { DATABASE_URL: url } }).database)).ssl;
+  const warnings: string[] = [];
+  const onWarning = (w: Error): void => void warnings.push(w.message);
+  process.on('warning', onWarning);
+  t.teardown(() => void process.off('warning', onWarning));
+
+  t.match(sslOf('postgres://u:p%40ss@db.example:5432/app?sslmode=require'), { rejectUnauthorized: false }, 'require: encrypted, certificate not checked (as DB_SSL=require)');
+  t.match(sslOf('postgres://u@db.example/app?sslmode=prefer'), { rejectUnauthorized: false }, 'prefer: not verified either');
+  t.equal(sslOf('postgres://u@db.example/app?sslmode=disable'), false, 'disable: no TLS');
+  const full = sslOf('postgres://u@db.example/app?sslmode=verify-full') as Record<string, unknown>;
+  t.ok(full && typeof full === 'object' && full.rejectUnauthorized !== false, 'verify-full: verified');
+  t.equal(connectionOptions(loadConfig({ env: { DATABASE_URL: 'postgres://u:p%40ss@h/app?sslmode=require' } }).database).connectionString,
+    'postgres://u:p%40ss@h/app?sslmode=require&uselibpqcompat=true', 'the URL is kept byte for byte, the option appended');
+  t.equal(connectionOptions(loadConfig({ env: { DATABASE_URL: 'postgres://u@h/app' } }).database).connectionString, 'postgres://u@h/app', 'no sslmode: unchanged');
+  t.equal(connectionOptions(loadConfig({ env: { DATABASE_URL: 'postgres://u@h/app?sslmode=require&uselibpqcompat=false' } }).database).connectionString,
+    'postgres://u@h/app?sslmode=require&uselibpqcompat=false', 'an explicit choice is kept');
+  await new Promise((r) => setImmediate(r));
+  t.same(warnings.filter((m) => m.includes('SECURITY WARNING')), [], 'no SECURITY WARNING from node-postgres');
 });

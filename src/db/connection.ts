@@ -17,8 +17,28 @@ export function connectionOptions(db: DatabaseConfig, applicationName = db.appli
     keepAliveInitialDelayMillis: 10_000,
   };
   if (ssl) common.ssl = ssl;
-  if (db.url) return { ...common, connectionString: db.url };
+  if (db.url) return { ...common, connectionString: withLibpqSslModes(db.url) };
   return { ...common, host: db.host, port: db.port, database: db.name, user: db.user, password: db.password };
+}
+
+/**
+ * A URL's `sslmode` means what libpq (psql, every other client) means by it. node-postgres 8 reads
+ * `prefer`, `require` and `verify-ca` as `verify-full` unless the URL opts into libpq semantics, and
+ * warns about it on stderr at every connection: `sslmode=require` against a managed database with a
+ * private CA then failed on the certificate, although `require` is documented here (and by libpq) as
+ * "encrypted, certificate not checked", as `DB_SSL=require` does. A URL that says how to read it
+ * already, or that is not a URL, is passed as it is.
+ */
+export function withLibpqSslModes(url: string): string {
+  let u: URL;
+  try {
+    u = new URL(url);
+  } catch {
+    return url;
+  }
+  if (!u.searchParams.has('sslmode') || u.searchParams.has('uselibpqcompat') || u.hash) return url;
+  // Appended, not re-serialized: the rest of the URL (an encoded password) stays byte for byte.
+  return `${url}&uselibpqcompat=true`;
 }
 
 /** Where we connect, for messages: host, port and database, never the password. */
