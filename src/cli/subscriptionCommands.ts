@@ -10,6 +10,7 @@ import {
   parseSubscriptionId,
   replay,
   reencryptSecrets,
+  removeSubscription,
   rotateSecret,
   updateSubscription,
 } from '../subscriptions/store.js';
@@ -137,6 +138,23 @@ export function registerSubscriptionCommands(program: Command, ctx: () => Comman
       });
       c.print(opts.json, { id: sid, enabled: false, deadDeliveries: ended }, () =>
         `subscription ${sid} disabled${ended ? `; ${ended} pending deliveries are now dead (requeue: outbox-relay replay --subscription ${sid}, after enabling it)` : ''}`,
+      );
+    });
+
+  subs
+    .command('remove')
+    .description('remove a disabled subscription with its deliveries and secrets (the user\'s acknowledgments stay); then the user may subscribe again')
+    .argument('<id>', 'subscription id')
+    .option('--json', 'print as JSON')
+    .action(async (id: string, opts: { json?: boolean }) => {
+      const c = ctx();
+      const sid = parseSubscriptionId(id);
+      const removed = await c.withClient(async (client) => {
+        await requireMigrated(client);
+        return removeSubscription(client, sid);
+      });
+      c.print(opts.json, { id: sid, removed: true, deliveries: removed }, () =>
+        `subscription ${sid} removed${removed ? `, with ${removed} undelivered (dead) deliveries` : ''}`,
       );
     });
 

@@ -24,9 +24,11 @@ events AS (DELETE FROM public.outbox_events AS e USING doomed AS d WHERE e.id = 
 SELECT (SELECT count(*)::int FROM events) AS events, (SELECT count(*)::int FROM acks) AS acks, 0 AS deliveries`;
 
 /**
- * Unprocessed events older than the dead cutoff whose deliveries are all dead (at least one, none live,
- * none queued). An event with no delivery at all was never fanned out (written around capture): the
- * relays queue it (sql/015), retention must not delete it.
+ * Unprocessed events older than the dead cutoff whose deliveries are all dead (none live, none
+ * queued), and that were fanned out: a dead delivery is left, or the relay acknowledged it (its
+ * subscriptions were removed since, sql/016). An event with no delivery and no relay acknowledgment
+ * was never fanned out (written around capture): the relays queue it (sql/015), retention must not
+ * delete it.
  */
 const DELETE_DEAD = `
 WITH doomed AS (
@@ -34,7 +36,8 @@ WITH doomed AS (
   WHERE e.created_at < $1 AND e.processed_at IS NULL
     AND NOT EXISTS (SELECT 1 FROM public.outbox_fanout_queue AS q WHERE q.event_id = e.id)
     AND NOT EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id AND d.state <> 'dead')
-    AND EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id AND d.state = 'dead')
+    AND (EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id AND d.state = 'dead')
+         OR EXISTS (SELECT 1 FROM public.event_acknowledgments AS a WHERE a.event_id = e.id AND a.source = 'relay'))
   ORDER BY e.created_at
   LIMIT $2
   FOR UPDATE SKIP LOCKED

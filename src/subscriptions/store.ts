@@ -219,6 +219,28 @@ export async function disableSubscription(client: pg.ClientBase, idInput: number
 }
 
 /**
+ * Removes a disabled subscription with its deliveries, circuit states and secrets (sql/016); the
+ * user's acknowledgments stay. Returns how many deliveries went with it.
+ */
+export async function removeSubscription(client: pg.ClientBase, idInput: number | string): Promise<number> {
+  const id = parseSubscriptionId(idInput);
+  let removed: number;
+  try {
+    const { rows } = await client.query<{ n: number }>('SELECT public.outbox_remove_subscription($1) AS n', [id]);
+    removed = rows[0]?.n ?? 0;
+  } catch (err) {
+    const code = (err as { code?: string }).code;
+    if (code === 'P0002') throw new UsageError(`subscription ${id} does not exist`);
+    if (code === '55006') {
+      throw new UsageError(`subscription ${id} is enabled; disable it first (outbox-relay subscriptions disable ${id}), so that nothing is sent to it while it is removed`);
+    }
+    throw err;
+  }
+  await notifyChanged(client);
+  return removed;
+}
+
+/**
  * A new signing secret; the previous ones keep signing until `graceMs` from now, so receivers can
  * switch without rejecting anything. Returns the new secret (shown once).
  */
