@@ -9,11 +9,14 @@
 -- * public.outbox_write_event(...) writes an event, its queue entry and (as the capture trigger
 --   does) the wakeup in one call: the way for an application to write events. It runs as its owner,
 --   so writers need EXECUTE on it (granted by name: see the README), no grants on the tables.
--- * public.outbox_requeue_stranded(...) queues unprocessed events that have neither a queue entry
---   nor any delivery ("stranded": only a write that bypassed both can make one), among the newest
---   `scan_limit` unprocessed events older than `min_age`. The relays call it at start and then every
---   minute, one replica at a time, so a plain INSERT is delivered within about a minute.
--- * retention's dead rule now needs a dead delivery (see src/maintenance/retention.ts).
+-- * public.outbox_requeue_stranded(...) queues unprocessed events that have no queue entry, no
+--   delivery and no relay acknowledgment ("stranded"). A write around capture and
+--   outbox_write_event makes one; so do deliveries deleted by hand before any was acknowledged (their
+--   event is then fanned out again, to the subscriptions enabled now). The relays call it at start
+--   and then every minute, one replica at a time. A swept event is fanned out after any newer events
+--   of its aggregate: per-aggregate order does not hold for it.
+-- * retention's dead rule needs a dead delivery or a relay acknowledgment (see
+--   src/maintenance/retention.ts): an event never fanned out is not "dead".
 
 CREATE OR REPLACE FUNCTION public.outbox_write_event(
     event_tenant text, event_type text, aggregate_type text, aggregate_id text, payload jsonb,
@@ -29,6 +32,16 @@ BEGIN
     IF event_tenant IS NULL OR event_type IS NULL OR aggregate_type IS NULL OR aggregate_id IS NULL OR payload IS NULL THEN
         RAISE EXCEPTION 'outbox_write_event: tenant, event_type, aggregate_type, aggregate_id and payload are required'
             USING ERRCODE = '22004';
+    END IF;
+    IF event_tenant = '' OR event_type = '' OR aggregate_type = '' OR aggregate_id = '' THEN
+        RAISE EXCEPTION 'outbox_write_event: tenant, event_type, aggregate_type and aggregate_id must not be empty'
+            USING ERRCODE = '22023';
+    END IF;
+    -- The pull API's roles are confined to one tenant by row-level security, which this function
+    -- (running as its owner) would step around: they may not write events, even if granted.
+    IF EXISTS (SELECT 1 FROM public.outbox_api_roles AS r WHERE r.role_name = session_user) THEN
+        RAISE EXCEPTION 'outbox_write_event: % is a pull API role and may not write events', session_user
+            USING ERRCODE = '42501';
     END IF;
     -- With a dedupe key that exists already, nothing is written and the result is NULL.
     INSERT INTO public.outbox_events (tenant, event_type, aggregate_id, aggregate_type, payload, dedupe_key, max_attempts)
@@ -55,48 +68,80 @@ REVOKE ALL ON FUNCTION public.outbox_write_event(text, text, text, text, jsonb, 
 COMMENT ON FUNCTION public.outbox_write_event(text, text, text, text, jsonb, text) IS
     'Writes an event with its fan-out queue entry and wakeup; returns its id, or NULL when dedupe_key exists already.';
 
-CREATE OR REPLACE FUNCTION public.outbox_requeue_stranded(min_age interval, scan_limit integer)
-RETURNS integer
+-- The sweep. Candidates are unprocessed events older than min_age, from two bounded walks over the
+-- unprocessed events' partial index: the newest scan_limit (a stranded event is queued within a
+-- sweep of being written), and scan_limit after a cursor (after_created, after_id) kept by the
+-- caller, so that over successive sweeps every unprocessed event is looked at, however large the
+-- backlog (next_created/next_id: where the next sweep goes on; NULL when the walk reached the end
+-- and starts again). Every test is a key probe per candidate (OFFSET 0 keeps each EXISTS a probe:
+-- as an anti-join, a plan made on small tables hashed whole tables).
+-- It holds the lane lock shared, so no fan-out or replay (both exclusive, and the only writers of
+-- deliveries) runs meanwhile: its statements see their committed work, never half of it. Without
+-- the lock, a sweep overlapping `replay --delivered` queued an event replay had just given a
+-- delivery, and every later fan-out failed on the deliveries' primary key.
+CREATE OR REPLACE FUNCTION public.outbox_requeue_stranded(
+    min_age interval, scan_limit integer, after_created timestamptz, after_id bigint,
+    OUT queued integer, OUT next_created timestamptz, OUT next_id bigint)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $fn$
 DECLARE
-    n integer;
+    walked integer;
 BEGIN
-    -- One sweeper at a time; the others return at once.
+    queued := 0;
+    -- One sweeper at a time; the others return at once (and keep their cursor).
     IF NOT pg_try_advisory_xact_lock(7411201008) THEN
-        RETURN 0;
+        next_created := after_created;
+        next_id := after_id;
+        RETURN;
     END IF;
-    -- The candidates come from the unprocessed events' partial index, newest first, bounded: a
-    -- stranded event is found while it is among the newest scan_limit unprocessed ones. A snapshot
-    -- never shows a captured event without its queue entry or its deliveries (fan-out swaps one for
-    -- the other in one transaction, and marks an event nobody receives processed in it).
-    WITH candidates AS (
+    PERFORM pg_advisory_xact_lock_shared(7411201005);
+
+    WITH walk AS MATERIALIZED (
+        SELECT e.id, e.created_at FROM public.outbox_events AS e
+        WHERE e.processed_at IS NULL AND e.created_at < now() - min_age
+          AND (after_created IS NULL OR (e.created_at, e.id) > (after_created, coalesce(after_id, 0)))
+        ORDER BY e.created_at, e.id
+        LIMIT scan_limit
+    ),
+    newest AS MATERIALIZED (
         SELECT e.id FROM public.outbox_events AS e
         WHERE e.processed_at IS NULL AND e.created_at < now() - min_age
         ORDER BY e.created_at DESC
         LIMIT scan_limit
     ),
+    candidates AS (
+        SELECT w.id FROM walk AS w UNION SELECT n.id FROM newest AS n
+    ),
+    -- Stranded: no queue entry, no delivery in any state, and never acknowledged by a relay (an event
+    -- fanned out before whose deliveries are gone, e.g. its subscription removed, is not sent again).
     stranded AS (
         SELECT c.id FROM candidates AS c
-        WHERE NOT EXISTS (SELECT 1 FROM public.outbox_fanout_queue AS q WHERE q.event_id = c.id)
-          AND NOT EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = c.id)
-          -- Fanned out before (its deliveries removed by hand since): never send it again.
-          AND NOT EXISTS (SELECT 1 FROM public.event_acknowledgments AS a WHERE a.event_id = c.id AND a.source = 'relay')
+        WHERE NOT EXISTS (SELECT 1 FROM public.outbox_fanout_queue AS q WHERE q.event_id = c.id OFFSET 0)
+          AND NOT EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = c.id OFFSET 0)
+          AND NOT EXISTS (SELECT 1 FROM public.event_acknowledgments AS a WHERE a.event_id = c.id AND a.source = 'relay' OFFSET 0)
     ),
-    queued AS (
+    inserted AS (
         INSERT INTO public.outbox_fanout_queue (event_id)
         SELECT s.id FROM stranded AS s ORDER BY s.id
         ON CONFLICT (event_id) DO NOTHING
         RETURNING 1
     )
-    SELECT count(*)::integer INTO n FROM queued;
-    IF n > 0 THEN
+    SELECT (SELECT count(*)::integer FROM inserted),
+           (SELECT count(*)::integer FROM walk),
+           (SELECT w.created_at FROM walk AS w ORDER BY w.created_at DESC, w.id DESC LIMIT 1),
+           (SELECT w.id FROM walk AS w ORDER BY w.created_at DESC, w.id DESC LIMIT 1)
+      INTO queued, walked, next_created, next_id;
+    IF walked < scan_limit THEN
+        next_created := NULL;
+        next_id := NULL;
+    END IF;
+    IF queued > 0 THEN
         PERFORM pg_notify('outbox_wakeup', 'stranded');
     END IF;
-    RETURN n;
 END
 $fn$;
 
-COMMENT ON FUNCTION public.outbox_requeue_stranded(interval, integer) IS
-    'Queues for fan-out the unprocessed events with neither a queue entry nor a delivery (written around capture and outbox_write_event).';
+COMMENT ON FUNCTION public.outbox_requeue_stranded(interval, integer, timestamptz, bigint) IS
+    'Queues for fan-out the unprocessed events with neither a queue entry nor a delivery nor a relay acknowledgment (written around capture and outbox_write_event).';

@@ -15,6 +15,12 @@ import { freshDatabase, type TestDatabase } from './helpers/db.js';
 import { startReceiver } from './helpers/receiver.js';
 import { count, createTenant, expectedWebhookId, startRelay, subscribe, tenantName, waitFor } from './helpers/relay.js';
 
+interface SweepRow {
+  n: number;
+  nextCreated: string | null;
+  nextId: string | null;
+}
+
 const WRITE = 'SELECT public.outbox_write_event($1, $2, $3, $4, $5::jsonb, $6) AS id';
 
 /** The seed's own way: a plain INSERT, here backdated so that the sweep's minimum age has passed. */
@@ -86,6 +92,15 @@ t.test('outbox_write_event: delivered at once, deduplicated, granted by name, re
     const code = await db.query(WRITE, args).then(() => null, (err: { code?: string }) => err.code);
     t.equal(code, '22004', `missing field refused: ${JSON.stringify(args)}`);
   }
+  for (const args of [['', 'x_insert', 'x', '1', '{}', null], [tenant, 'x_insert', 'x', '', '{}', null]]) {
+    const code = await db.query(WRITE, args).then(() => null, (err: { code?: string }) => err.code);
+    t.equal(code, '22023', `empty field refused: ${JSON.stringify(args)}`);
+  }
+  // A pull API role (confined to one tenant by row-level security) may not write events, even granted.
+  await db.query('INSERT INTO public.outbox_api_roles (role_name) VALUES ($1)', [role]);
+  const apiRole = await asRole((c) => c.query(WRITE, [tenant, 'orders_insert', 'orders', '43', '{}', null]).then(() => null, (err: { code?: string; message: string }) => `${err.code} ${err.message}`));
+  t.match(apiRole, /^42501 .*is a pull API role and may not write events/, 'refused for a registered API role');
+  await db.query('DELETE FROM public.outbox_api_roles WHERE role_name = $1', [role]);
   t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.outbox_events'), 2, 'nothing else was written');
 });
 
@@ -109,7 +124,7 @@ t.test('a plain INSERT into outbox_events: shown by status, queued by the relay 
   t.equal((await status(db)).stranded, 0, 'status: nothing stranded any more');
 
   // The sweep's function itself, with no minimum age: queues the young one once, and nothing twice.
-  const sweep = async (): Promise<number> => (await db.query<{ n: number }>(REQUEUE_STRANDED_SQL, ['0 seconds', 1000])).rows[0]!.n;
+  const sweep = async (): Promise<number> => (await db.query<{ n: number }>(REQUEUE_STRANDED_SQL, ['0 seconds', 1000, null, null])).rows[0]!.n;
   t.equal(await sweep(), 1, 'the sweep queues the younger event');
   await waitFor(() => recv.delivered.has(expectedWebhookId(young, sub.id)), 10_000, 'the younger event delivered');
   t.equal(await sweep(), 0, 'nothing is queued twice');
@@ -137,4 +152,83 @@ t.test('retention never deletes an event that was never fanned out (its dead rul
   await db.query(`INSERT INTO public.outbox_deliveries (event_id, subscription_id, state, attempts, next_attempt_at) VALUES ($1, $2, 'dead', 5, now())`, [id, sub.id]);
   const again = await runRetention(pool, { days: 7, deadDays: 30, batchSize: 100, logger });
   t.equal(again.deadEvents, 1, 'with a dead delivery it is a dead event, deleted after RETENTION_DEAD_DAYS');
+});
+
+t.test('the sweep queues only events with no queue entry, no delivery in any state and no relay acknowledgment', async (t) => {
+  const db = await freshDatabase(t);
+  const tenant = tenantName('sw');
+  await createTenant(db, tenant);
+  const sub = await subscribe(db, { tenant, userId: 3, url: 'http://127.0.0.1:9/never' });
+  const withDelivery = async (state: string, extra = ''): Promise<void> => {
+    const id = await insertDirectly(db, tenant, `d-${state}${extra}`);
+    await db.query(
+      `INSERT INTO public.outbox_deliveries (event_id, subscription_id, lane, state, attempts, next_attempt_at)
+       VALUES ($1, $2, $3, $4::public.outbox_delivery_state, 2, now() + interval '1 hour')`,
+      [id, sub.id, state === 'waiting' ? 7 : null, state],
+    );
+  };
+  await withDelivery('ready'); // a retry waiting for its time
+  await withDelivery('waiting'); // behind its lane's head
+  await withDelivery('dead');
+  const queued = await insertDirectly(db, tenant, 'queued');
+  await db.query('INSERT INTO public.outbox_fanout_queue (event_id) VALUES ($1)', [queued]);
+  await db.query(`UPDATE public.outbox_events SET processed_at = now() WHERE id = $1`, [await insertDirectly(db, tenant, 'nobody-matched')]);
+  const stranded = await insertDirectly(db, tenant, 'stranded');
+
+  const { rows } = await db.query<SweepRow>(REQUEUE_STRANDED_SQL, ['0 seconds', 1000, null, null]);
+  t.equal(rows[0]!.n, 1, 'exactly one event queued');
+  t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.outbox_fanout_queue WHERE event_id = $1', [stranded]), 1, 'the stranded one');
+  t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.outbox_fanout_queue'), 2, 'and nothing else (besides the one queued before)');
+});
+
+t.test('the sweep waits for a replay in progress, so it never queues an event replay is giving a delivery', async (t) => {
+  const db = await freshDatabase(t);
+  const tenant = tenantName('race');
+  await createTenant(db, tenant);
+  const sub = await subscribe(db, { tenant, userId: 4, url: 'http://127.0.0.1:9/never' });
+  const id = await insertDirectly(db, tenant, 'r');
+
+  // What outbox_replay does, in an open transaction: the lane lock exclusively, then a new delivery.
+  const replay = new pg.Client({ connectionString: db.url });
+  await replay.connect();
+  t.teardown(() => replay.end().catch(() => undefined));
+  await replay.query('BEGIN');
+  await replay.query('SELECT pg_advisory_xact_lock(7411201005)');
+  await replay.query("INSERT INTO public.outbox_deliveries (event_id, subscription_id, state, attempts, next_attempt_at) VALUES ($1, $2, 'ready', 0, now())", [id, sub.id]);
+
+  let settled = false;
+  const sweeping = db.query<SweepRow>(REQUEUE_STRANDED_SQL, ['0 seconds', 1000, null, null]).finally(() => (settled = true));
+  await new Promise((r) => setTimeout(r, 500));
+  t.notOk(settled, 'the sweep waits while replay holds the lane lock');
+  await replay.query('COMMIT');
+  t.equal((await sweeping).rows[0]!.n, 0, 'then sees the delivery and queues nothing');
+  t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.outbox_fanout_queue'), 0, 'no queue entry beside the delivery (fan-out would fail on it)');
+});
+
+t.test('a walk over all unprocessed events finds a stranded one however many newer ones there are', async (t) => {
+  const db = await freshDatabase(t);
+  const tenant = tenantName('walk');
+  await createTenant(db, tenant);
+  const sub = await subscribe(db, { tenant, userId: 5, url: 'http://127.0.0.1:9/never' });
+  // By age: two with deliveries, the stranded one, three with deliveries (newest).
+  const ids: string[] = [];
+  for (const [key, age] of [['e1', 600], ['e2', 500], ['s', 400], ['e3', 300], ['e4', 200], ['e5', 100]] as const) {
+    const id = await insertDirectly(db, tenant, key, age);
+    ids.push(id);
+    if (key !== 's') {
+      await db.query("INSERT INTO public.outbox_deliveries (event_id, subscription_id, state, attempts, next_attempt_at) VALUES ($1, $2, 'ready', 1, now() + interval '1 hour')", [id, sub.id]);
+    }
+  }
+  const sweep = async (cursor: SweepRow | null): Promise<SweepRow> =>
+    (await db.query<SweepRow>(REQUEUE_STRANDED_SQL, ['0 seconds', 2, cursor?.nextCreated ?? null, cursor?.nextId ?? null])).rows[0]!;
+  const first = await sweep(null);
+  t.equal(first.n, 0, 'first sweep: the two newest and the two oldest have deliveries');
+  t.equal(first.nextId, ids[1], 'the walk goes on after the second oldest');
+  const second = await sweep(first);
+  t.equal(second.n, 1, 'second sweep: the walk reaches the stranded event');
+  t.equal(second.nextId, ids[3]);
+  const third = await sweep(second);
+  t.equal(third.nextId, ids[5], 'third: the last two');
+  const fourth = await sweep(third);
+  t.same([fourth.n, fourth.nextCreated, fourth.nextId], [0, null, null], 'then the walk starts again from the beginning');
 });

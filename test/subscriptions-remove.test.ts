@@ -58,7 +58,7 @@ t.test('remove: refused while enabled; a 410-disabled subscription goes with its
     'the events roll up as failed (one of their receivers never got them)');
 
   // Left behind: not stranded (never sent again), and deleted by retention after RETENTION_DEAD_DAYS.
-  t.equal((await db.query<{ n: number }>(REQUEUE_STRANDED_SQL, ['0 seconds', 1000])).rows[0]!.n, 0, 'the sweep does not queue them again');
+  t.equal((await db.query<{ n: number }>(REQUEUE_STRANDED_SQL, ['0 seconds', 1000, null, null])).rows[0]!.n, 0, 'the sweep does not queue them again');
   const list = await runCli(['subscriptions', 'list', '--json'], env);
   t.same((JSON.parse(list.stdout) as Array<{ id: number }>).map((s) => s.id), [keep.id], 'list shows the remaining subscription only');
 

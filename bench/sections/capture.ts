@@ -7,7 +7,7 @@
  * phase starts from empty tables after a CHECKPOINT. A LISTEN connection counts the notifications, and
  * a last check shows that wakeups still work once the relay says it is idle.
  *
- * A reference phase per statement shape runs the least any trigger-based capture can do on this
+ * A reference phase per statement shape runs a lower bound for any trigger-based capture on this
  * machine: a plain statement-level trigger that inserts each new row as JSON into a table with only
  * a primary key (no SECURITY DEFINER or pinned settings, no fan-out queue, no seed indexes, no
  * NOTIFY). It is not a product; it shows how much of the capture cost is the machine's.

@@ -33,7 +33,7 @@ export function registerOpsCommands(program: Command, ctx: () => CommandContext)
         if (report.stranded > 0) {
           parts.push(
             `${report.stranded} unprocessed event(s) older than a minute have no fan-out queue entry (written into outbox_events directly):`,
-            'a running relay queues them within a minute; have writers use public.outbox_write_event(...) instead',
+            'running relays queue them (new ones within a minute); have writers use public.outbox_write_event(...) instead',
           );
         }
         parts.push('', 'SUBSCRIPTIONS NEEDING ATTENTION');

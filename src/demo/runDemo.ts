@@ -13,7 +13,7 @@ import { startEmbeddedPostgres, type EmbeddedServer } from '../db/embeddedPostgr
 import { migrate } from '../db/migrate.js';
 import { createLogger } from '../log.js';
 import { Relay } from '../relay/relay.js';
-import { addSubscription } from '../subscriptions/store.js';
+import { addSubscription, disableSubscription, removeSubscription } from '../subscriptions/store.js';
 import { generateSigningSecret } from '../webhook/secret.js';
 import { quantile, startDemoReceiver } from './demoReceiver.js';
 
@@ -145,11 +145,13 @@ export async function runDemo(options: DemoOptions): Promise<DemoSummary> {
     const secret = generateSigningSecret();
     const receiver = await startDemoReceiver(secret, options.failRate);
     cleanups.push(() => receiver.close());
-    // A re-run against the same database (--database-url): replace the previous run's subscription.
-    await admin.query(
-      'WITH old AS (DELETE FROM public.outbox_subscriptions WHERE tenant = $1 AND user_id = $2 RETURNING id) DELETE FROM public.outbox_deliveries WHERE subscription_id IN (SELECT id FROM old)',
-      [TENANT, USER_ID],
-    );
+    // A re-run against the same database (--database-url): replace the previous run's subscription
+    // (what it had not delivered ends as failed, as a removal does; it is not sent to the new one).
+    const previous = await admin.query<{ id: string }>('SELECT id::text FROM public.outbox_subscriptions WHERE tenant = $1 AND user_id = $2', [TENANT, USER_ID]);
+    for (const { id } of previous.rows) {
+      await disableSubscription(admin, id, 'replaced by a new demo run');
+      await removeSubscription(admin, id);
+    }
     const sub = await addSubscription(
       admin,
       { tenant: TENANT, userId: USER_ID, url: receiver.url, secret, events: 'vendors_*,projects_*' },

@@ -59,7 +59,7 @@ ORDER BY s.id`;
 
 /**
  * Unprocessed events older than a minute that were never fanned out nor queued: written around
- * capture and public.outbox_write_event (sql/015). A running relay queues them within a minute.
+ * capture and public.outbox_write_event (sql/015). Running relays queue them (sql/015 says how soon).
  */
 const STRANDED = `
 SELECT count(*)::bigint AS n FROM public.outbox_events AS e
