@@ -574,6 +574,8 @@ export class Relay extends EventEmitter<RelayEvents> {
         // longer timeout or fewer slots they could outwait their lease and be claimed again while
         // still queued here, so they go back (no attempt counted) and are claimed afresh.
         const leasesTooShort = sub.timeoutMs > st.sub.timeoutMs || sub.maxInFlight < st.sub.maxInFlight;
+        // A new URL is a new receiver: what the circuit learnt about the old one does not hold.
+        if (sub.url.href !== st.sub.url.href) this.resetCircuit(st);
         st.sub = sub;
         st.active = true;
         if (leasesTooShort) this.releaseQueue(st);
@@ -593,9 +595,24 @@ export class Relay extends EventEmitter<RelayEvents> {
       if (seen.has(id)) continue;
       st.active = false;
       this.releaseQueue(st);
-      if (st.inflight === 0 && st.recording === 0) this.subs.delete(id);
+      if (st.inflight === 0 && st.recording === 0) {
+        // Disabled or removed: its circuit goes with it (a re-enabled one starts closed).
+        this.resetCircuit(st);
+        this.subs.delete(id);
+      }
     }
     this.emit('subscriptions', seen.size);
+  }
+
+  /** A fresh (closed) circuit for this subscription, announced if the old one was not closed. */
+  private resetCircuit(st: SubState): void {
+    const was = st.breaker.state;
+    const w = this.config.webhook;
+    st.breaker = new CircuitBreaker({ threshold: w.circuitFailureThreshold, cooldownMs: w.circuitCooldownMs, maxCooldownMs: w.circuitMaxCooldownMs });
+    if (was !== 'closed') {
+      this.emit('circuit', st.sub.id, st.sub.tenant, 'closed');
+      this.log.info({ tenant: st.sub.tenant, subscription: st.sub.id }, 'circuit reset: the subscription changed its URL or stopped');
+    }
   }
 
   private onDbError(err: unknown, doing: string): void {
