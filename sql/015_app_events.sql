@@ -33,10 +33,22 @@ BEGIN
         RAISE EXCEPTION 'outbox_write_event: tenant, event_type, aggregate_type, aggregate_id and payload are required'
             USING ERRCODE = '22004';
     END IF;
-    IF event_tenant = '' OR event_type = '' OR aggregate_type = '' OR aggregate_id = '' THEN
-        RAISE EXCEPTION 'outbox_write_event: tenant, event_type, aggregate_type and aggregate_id must not be empty'
+    -- The names subscriptions and the pull API can match: a tenant is a schema name (as
+    -- `subscriptions add` requires), an event type what the pull API's event_type filter accepts.
+    IF event_tenant !~ '^[A-Za-z_][A-Za-z0-9_$]*$' OR octet_length(event_tenant) > 63 THEN
+        RAISE EXCEPTION 'outbox_write_event: tenant % is not a plain schema name (letters, digits, "_" and "$", at most 63 bytes)', quote_literal(event_tenant)
             USING ERRCODE = '22023';
     END IF;
+    IF event_type !~ '^[A-Za-z0-9_]{1,100}$' THEN
+        RAISE EXCEPTION 'outbox_write_event: event_type % must be 1 to 100 letters, digits or "_"', quote_literal(event_type)
+            USING ERRCODE = '22023';
+    END IF;
+    IF aggregate_type = '' OR aggregate_id = '' THEN
+        RAISE EXCEPTION 'outbox_write_event: aggregate_type and aggregate_id must not be empty'
+            USING ERRCODE = '22023';
+    END IF;
+    -- An empty key is no key (else the first event written with '' would swallow every later one).
+    dedupe_key := nullif(dedupe_key, '');
     -- The pull API's roles are confined to one tenant by row-level security, which this function
     -- (running as its owner) would step around: they may not write events, even if granted.
     IF EXISTS (SELECT 1 FROM public.outbox_api_roles AS r WHERE r.role_name = session_user) THEN

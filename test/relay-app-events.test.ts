@@ -92,9 +92,10 @@ t.test('outbox_write_event: delivered at once, deduplicated, granted by name, re
     const code = await db.query(WRITE, args).then(() => null, (err: { code?: string }) => err.code);
     t.equal(code, '22004', `missing field refused: ${JSON.stringify(args)}`);
   }
-  for (const args of [['', 'x_insert', 'x', '1', '{}', null], [tenant, 'x_insert', 'x', '', '{}', null]]) {
+  for (const args of [['', 'x_insert', 'x', '1', '{}', null], ['Tenant A!', 'x_insert', 'x', '1', '{}', null], [tenant, '', 'x', '1', '{}', null],
+    [tenant, 'vendors paid', 'x', '1', '{}', null], [tenant, 'x_insert', 'x', '', '{}', null]]) {
     const code = await db.query(WRITE, args).then(() => null, (err: { code?: string }) => err.code);
-    t.equal(code, '22023', `empty field refused: ${JSON.stringify(args)}`);
+    t.equal(code, '22023', `refused: ${JSON.stringify(args)}`);
   }
   // A pull API role (confined to one tenant by row-level security) may not write events, even granted.
   await db.query('INSERT INTO public.outbox_api_roles (role_name) VALUES ($1)', [role]);
@@ -102,6 +103,10 @@ t.test('outbox_write_event: delivered at once, deduplicated, granted by name, re
   t.match(apiRole, /^42501 .*is a pull API role and may not write events/, 'refused for a registered API role');
   await db.query('DELETE FROM public.outbox_api_roles WHERE role_name = $1', [role]);
   t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.outbox_events'), 2, 'nothing else was written');
+  // An empty dedupe key is no key: two such events are both written.
+  const blank1 = await db.query<{ id: string | null }>(WRITE, [tenant, 'orders_note', 'orders', '44', '{}', '']);
+  const blank2 = await db.query<{ id: string | null }>(WRITE, [tenant, 'orders_note', 'orders', '44', '{}', '']);
+  t.ok(blank1.rows[0]!.id && blank2.rows[0]!.id, "dedupe_key '' is treated as none");
 });
 
 t.test('a plain INSERT into outbox_events: shown by status, queued by the relay at start, delivered once', async (t) => {

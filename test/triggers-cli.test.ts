@@ -104,6 +104,8 @@ t.test('unknown schemas and tables, views, and tables without a primary key', as
     ['remove: unknown table', ['triggers', 'remove', '--schema', 'tenant_a', '--table', 'nope'], 2, /does not exist/],
     // outbox-relay's own tables are never captured (a trigger on outbox_events would feed itself).
     ['the outbox itself', ['triggers', 'install', '--schema', 'public', '--table', 'outbox_events'], 2, /table of outbox-relay itself/],
+    ['a system schema', ['triggers', 'install', '--schema', 'pg_catalog'], 2, /pg_catalog is a system schema; its tables cannot be captured/],
+    ['information_schema', ['triggers', 'install', '--schema', 'information_schema'], 2, /information_schema is a system schema/],
     // Option mistakes are usage errors too.
     ['no schema', ['triggers', 'install'], 2, /--schema S, or --all-schemas/],
     ['both', ['triggers', 'install', '--schema', 'tenant_a', '--all-schemas'], 2, /either --schema .* or --all-schemas/],
@@ -152,6 +154,9 @@ t.test('whole-schema install skips a table without a key, with a warning', async
   t.same(pr.installed.map((x) => x.table), ['app_table'], 'only the application\'s table');
   t.ok(pr.skipped.some((s) => s.table === 'outbox_events' && /own table/.test(s.reason)), 'outbox_events skipped as our own');
   t.equal(await captured(db, 'public.outbox_events'), 0, 'outbox_events has no capture trigger');
+  const listed = await runCli(['triggers', 'list', '--json'], env);
+  const tables = (JSON.parse(listed.stdout) as { tables: Array<{ schema: string; table: string }> }).tables.filter((x) => x.schema === 'public').map((x) => x.table);
+  t.same(tables, ['app_table'], 'list shows the captured public table, not outbox-relay\'s own tables as waiting for capture');
   await db.query(`INSERT INTO tenant_a.items VALUES (1)`);
   const { rows } = await db.query<{ n: number }>('SELECT count(*)::int AS n FROM public.outbox_events');
   t.equal(rows[0]?.n, 1, 'capture still writes exactly one event');

@@ -100,6 +100,7 @@ async function schemaTables(client: pg.ClientBase, schema: string): Promise<stri
  */
 export async function installSchema(client: pg.ClientBase, schema: string, tables: readonly string[] = []): Promise<InstallReport> {
   assertIdentifier('schema', schema);
+  if (/^pg_/i.test(schema) || schema === 'information_schema') throw new UsageError(`${schema} is a system schema; its tables cannot be captured`);
   tables.forEach((t) => assertIdentifier('table', t));
   return inTransaction(client, async () => {
     await assertSchemaExists(client, schema);
@@ -253,7 +254,8 @@ SELECT schema, "table", key_columns IS NOT NULL AS has_pk, triggers::int AS trig
               SELECT string_agg(convert_to(u.k, pg_catalog.getdatabaseencoding()) || decode('00', 'hex'), ''::bytea ORDER BY u.o)
               FROM unnest(key_columns) WITH ORDINALITY AS u(k, o)))::int AS stale
 FROM tables
-WHERE triggers > 0 OR schema_captured
+-- outbox-relay's own tables are never captured (install refuses them): not listed as waiting for it.
+WHERE (triggers > 0 OR schema_captured) AND NOT public.outbox_is_own_table(schema, "table")
 ORDER BY schema, "table"`;
 
 export interface CaptureListing {
