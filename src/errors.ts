@@ -107,6 +107,12 @@ export function toOutboxError(err: unknown): OutboxError {
   if (err instanceof OutboxError) return err;
   if (isPgLikeError(err)) {
     const code = err.code ?? '';
+    if (/does not support SSL/i.test(err.message)) {
+      return new DatabaseUnavailableError(
+        `cannot reach PostgreSQL: ${err.message} (this server offers no TLS: connect with sslmode=disable in DATABASE_URL, or DB_SSL=disable)`,
+        err,
+      );
+    }
     if (RETRYABLE_SOCKET_CODES.has(code) || code === 'ENOTFOUND' || /connect|Connection terminated/i.test(err.message) && !code.match(/^[0-9A-Z]{5}$/)) {
       return new DatabaseUnavailableError(`cannot reach PostgreSQL: ${err.message}`, err);
     }

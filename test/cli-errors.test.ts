@@ -6,7 +6,7 @@
 import { join } from 'node:path';
 import t from 'tap';
 import { runCli, type CliResult } from './helpers/cli.js';
-import { freshDatabase } from './helpers/db.js';
+import { adminUrl, freshDatabase } from './helpers/db.js';
 
 /** One non-empty line on stderr. */
 function oneLine(res: CliResult): boolean {
@@ -127,11 +127,32 @@ t.test('configuration errors: exit 78, one line, no stack trace', async (t) => {
   t.match(several.stderr, /DB_PORT.*RELAY_NOTIFY_MODE.*DATABASE_URL|DB_PORT.*DATABASE_URL.*RELAY_NOTIFY_MODE/, 'all of them on it');
 });
 
+function withSslMode(url: string, mode: string): string {
+  const u = new URL(url);
+  u.searchParams.set('sslmode', mode);
+  return u.toString();
+}
+
+t.test('a URL whose sslmode cannot be honoured is a configuration error (exit 78)', async (t) => {
+  const cases: Array<[string, RegExp]> = [
+    ['allow', /sslmode=allow .* is not supported: use sslmode=disable or sslmode=require/],
+    ['bogus', /sslmode=bogus is not one of disable, prefer, require, verify-ca, verify-full/],
+    ['verify-ca', /sslmode=verify-ca needs sslrootcert=<CA file>/],
+  ];
+  for (const [mode, message] of cases) {
+    const res = await runCli(['validate-env'], { DATABASE_URL: `postgres://u@db.example/app?sslmode=${mode}` });
+    t.equal(res.code, 78, `sslmode=${mode}: exit 78`);
+    t.match(res.stdout + res.stderr, message, `sslmode=${mode}: says why`);
+  }
+});
+
 t.test('an unreachable database: exit 69, one clear line, no stack trace', async (t) => {
   const cases: Array<[string, string[], Record<string, string>, RegExp]> = [
     ['DATABASE_URL', ['migrate'], { DATABASE_URL: 'postgres://postgres@127.0.0.1:1/x' }, /cannot reach PostgreSQL.*ECONNREFUSED.*127\.0\.0\.1:1\/x/],
     ['DB_* parts', ['migrate'], { DB_HOST: '127.0.0.1', DB_PORT: '1', DB_NAME: 'nowhere' }, /cannot reach PostgreSQL.*127\.0\.0\.1:1\/nowhere/],
     ['password in the URL', ['triggers', 'list'], { DATABASE_URL: 'postgres://postgres:Leak-Canary-pw1@127.0.0.1:1/x' }, /cannot reach PostgreSQL/],
+    // The test servers offer no TLS: the message says how to connect without it.
+    ['TLS asked of a server without it', ['migrate'], { DATABASE_URL: withSslMode(adminUrl(), 'require') }, /does not support SSL.*offers no TLS: connect with sslmode=disable/],
   ];
   const results = await Promise.all(cases.map(([, args, env]) => runCli(args, env, { timeoutMs: 30_000 })));
   cases.forEach(([name, , , message], i) => {

@@ -202,6 +202,27 @@ function checkDatabaseUrl(url: string): string | undefined {
   if (parsed.protocol !== 'postgres:' && parsed.protocol !== 'postgresql:') {
     return `database.url (DATABASE_URL): scheme must be postgres:// or postgresql://, got ${parsed.protocol}//`;
   }
+  return checkSslMode(parsed.searchParams);
+}
+
+/**
+ * A URL's sslmode, read with libpq's meanings (see withLibpqSslModes). node-postgres cannot fall back
+ * from one mode to another while connecting, so libpq's `allow` (plain text first) has no equivalent,
+ * and `prefer` is TLS without a certificate check that does not fall back to plain text.
+ */
+function checkSslMode(params: URLSearchParams): string | undefined {
+  const mode = params.get('sslmode');
+  if (mode === null || params.has('uselibpqcompat')) return undefined;
+  const key = 'database.url (DATABASE_URL)';
+  if (mode === 'allow') {
+    return `${key}: sslmode=allow (plain text, TLS only if the server insists) is not supported: use sslmode=disable or sslmode=require`;
+  }
+  if (!['disable', 'prefer', 'require', 'verify-ca', 'verify-full'].includes(mode)) {
+    return `${key}: sslmode=${mode} is not one of disable, prefer, require, verify-ca, verify-full`;
+  }
+  if (mode === 'verify-ca' && !params.get('sslrootcert')) {
+    return `${key}: sslmode=verify-ca needs sslrootcert=<CA file> (or use sslmode=verify-full, which checks the host name against the system's CAs)`;
+  }
   return undefined;
 }
 

@@ -35,7 +35,7 @@ export const schema = {
   },
   database: {
     url: {
-      doc: 'PostgreSQL connection URL (`postgres://user:pass@host:port/db?sslmode=…`). When set it overrides every `DB_*` part; its `sslmode` means what it means to libpq and psql (`require`: encrypted, certificate not checked) and wins over `DB_SSL`.',
+      doc: 'PostgreSQL connection URL (`postgres://user:pass@host:port/db?sslmode=…`). When set it overrides every `DB_*` part; its `sslmode` means what it means to libpq and psql (`require`: encrypted, certificate not checked; `verify-ca` needs `sslrootcert`) and wins over `DB_SSL`, except that nothing falls back: `prefer` is `require`, and `allow` is refused.',
       format: String,
       default: '',
       env: 'DATABASE_URL',
