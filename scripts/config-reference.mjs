@@ -5,18 +5,25 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 
 const root = new URL('..', import.meta.url).pathname;
-const { schemaEntries } = await import(`${root}dist/config/schema.js`);
+const { schemaEntries, BOUNDS } = await import(`${root}dist/config/schema.js`);
 
 const fmt = (v) => {
   if (v === '') return '""';
   return `\`${typeof v === 'string' ? v : JSON.stringify(v)}\``;
 };
 const formatName = (f) => (Array.isArray(f) ? f.join(' \\| ') : f === String ? 'string' : f === Boolean ? 'boolean' : f === 'nat' ? 'integer ≥ 0' : f === 'port' ? 'port' : String(f));
+// Limits checked at load beyond the format's (BOUNDS in src/config/schema.ts).
+const typeName = (path, f) => {
+  const b = BOUNDS[path];
+  if (!b) return formatName(f);
+  if (b.min !== undefined && b.max !== undefined) return `integer ${b.min}–${b.max}`;
+  return b.min !== undefined ? `integer ≥ ${b.min}` : `integer 0–${b.max}`;
+};
 
 const rows = schemaEntries().map(({ path, leaf }) => {
   const env = leaf.env ? `\`${leaf.env}\`${leaf.sensitive ? ' (or `' + leaf.env + '_FILE`)' : ''}` : '';
   const def = leaf.sensitive ? '—' : fmt(leaf.default);
-  return `| \`${path}\` | ${env} | ${formatName(leaf.format)} | ${def} | ${leaf.doc.replace(/\|/g, '\\|')} |`;
+  return `| \`${path}\` | ${env} | ${typeName(path, leaf.format)} | ${def} | ${leaf.doc.replace(/\|/g, '\\|')} |`;
 });
 const table = ['| Key (config file) | Environment | Type | Default | Meaning |', '|---|---|---|---|---|', ...rows].join('\n');
 

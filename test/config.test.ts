@@ -9,6 +9,7 @@ import { hostname } from 'node:os';
 import { join } from 'node:path';
 import t, { type Test } from 'tap';
 import { loadConfig, type Env, type LoadOptions } from '../src/config/load.js';
+import { BOUNDS, schemaEntries } from '../src/config/schema.js';
 import { connectionOptions } from '../src/db/connection.js';
 import { ConfigError, EXIT } from '../src/errors.js';
 
@@ -415,4 +416,17 @@ t.test("a URL's sslmode means what libpq means (node-postgres reads it so, witho
     'postgres://u@h/app?sslmode=require&uselibpqcompat=false', 'an explicit choice is kept');
   await new Promise((r) => setImmediate(r));
   t.same(warnings.filter((m) => m.includes('SECURITY WARNING')), [], 'no SECURITY WARNING from node-postgres');
+});
+
+t.test('every numeric bound (BOUNDS) is enforced at load, and its edge is accepted', async (t) => {
+  const envOf = new Map(schemaEntries().map((e) => [e.path, e.leaf.env as string]));
+  for (const [path, { min, max }] of Object.entries(BOUNDS)) {
+    const env = envOf.get(path)!;
+    for (const [edge, outside] of [[min, min === undefined ? undefined : min - 1], [max, max === undefined ? undefined : max + 1]] as const) {
+      if (edge === undefined || outside === undefined) continue;
+      const err = configError(t, { env: { [env]: String(outside) } });
+      t.match(err.message, new RegExp(`${path.replace('.', '\\.')} \\(${env}\\): must be`), `${env}=${outside} refused, naming the key`);
+      t.doesNotThrow(() => loadConfig({ env: { [env]: String(edge) } }), `${env}=${edge} accepted`);
+    }
+  }
 });

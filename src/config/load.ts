@@ -10,7 +10,7 @@ import convict from 'convict';
 import cron from 'node-cron';
 import { ConfigError } from '../errors.js';
 import { parseKeyring } from '../subscriptions/secretCipher.js';
-import { schema, schemaEntries, sensitiveEnvNames, type Config } from './schema.js';
+import { BOUNDS, schema, schemaEntries, sensitiveEnvNames, type Config } from './schema.js';
 
 export type Env = Readonly<Record<string, string | undefined>>;
 
@@ -191,6 +191,19 @@ function convictProblems(message: string): string[] {
     });
 }
 
+/** Values outside BOUNDS, each as `key (ENV): must be …`. */
+function boundsProblems(c: Config): string[] {
+  const envOf = new Map(schemaEntries().map((e) => [e.path, e.leaf.env]));
+  const problems: string[] = [];
+  for (const [path, { min, max }] of Object.entries(BOUNDS)) {
+    const value = path.split('.').reduce<unknown>((o, k) => (o as Record<string, unknown>)[k], c) as number;
+    if ((min === undefined || value >= min) && (max === undefined || value <= max)) continue;
+    const range = min !== undefined && max !== undefined ? `be ${min} to ${max}` : min !== undefined ? `be at least ${min}` : `be at most ${max}`;
+    problems.push(`${path} (${envOf.get(path) ?? '?'}): must ${range}`);
+  }
+  return problems;
+}
+
 function checkDatabaseUrl(url: string): string | undefined {
   if (!url) return undefined;
   let parsed: URL;
@@ -237,10 +250,7 @@ function apiChecks(a: Config['api']): string[] {
     else if (RESERVED_CLAIMS.has(claim)) problems.push(`api.${key} (${env}): "${claim}" is a registered JWT claim, not a tenant or user`);
   }
   if (a.jwtTenantClaim === a.jwtUserClaim) problems.push('api.jwtUserClaim (API_JWT_USER_CLAIM): must differ from api.jwtTenantClaim (API_JWT_TENANT_CLAIM)');
-  if (a.jwtClockSkewSeconds > 300) problems.push('api.jwtClockSkewSeconds (API_JWT_CLOCK_SKEW_SECONDS): must be at most 300');
   if (a.rateLimitPerSecond > 0 && a.rateLimitBurst < 1) problems.push('api.rateLimitBurst (API_RATE_LIMIT_BURST): must be at least 1 while the rate limit is on');
-  if (a.bodyLimitBytes < 1_024 || a.bodyLimitBytes > 10_485_760) problems.push('api.bodyLimitBytes (API_BODY_LIMIT_BYTES): must be 1024 to 10485760');
-  if (a.requestTimeoutMs < 100) problems.push('api.requestTimeoutMs (API_REQUEST_TIMEOUT_MS): must be at least 100');
   return problems;
 }
 
@@ -249,6 +259,7 @@ function crossChecks(c: Config): string[] {
   const problems: string[] = [];
   const urlProblem = checkDatabaseUrl(c.database.url);
   if (urlProblem) problems.push(urlProblem);
+  problems.push(...boundsProblems(c));
   if (c.secrets.encryptionKeys) {
     try {
       parseKeyring(c.secrets.encryptionKeys);
@@ -256,25 +267,14 @@ function crossChecks(c: Config): string[] {
       problems.push(`secrets.encryptionKeys (OUTBOX_ENCRYPTION_KEYS): ${(err as ConfigError).message.replace(/^OUTBOX_ENCRYPTION_KEYS:? ?/, '')}`);
     }
   }
-  if (c.database.poolMax < 2) problems.push('database.poolMax (DB_POOL_MAX): must be at least 2');
-  if (c.relay.fanoutBatchSize < 1 || c.relay.fanoutBatchSize > 10_000) problems.push('relay.fanoutBatchSize (RELAY_FANOUT_BATCH_SIZE): must be 1 to 10000');
-  if (c.relay.claimBatchSize < 1 || c.relay.claimBatchSize > 10_000) problems.push('relay.claimBatchSize (RELAY_CLAIM_BATCH_SIZE): must be 1 to 10000');
-  if (c.relay.pollIntervalMs < 50) problems.push('relay.pollIntervalMs (RELAY_POLL_INTERVAL_MS): must be at least 50');
   if (c.relay.leaseMs < c.webhook.timeoutMs + 1_000) {
     problems.push(`relay.leaseMs (RELAY_LEASE_MS): must exceed webhook.timeoutMs (WEBHOOK_TIMEOUT_MS) by at least 1000 ms, or a slow send would be re-claimed by another replica`);
   }
-  if (c.webhook.timeoutMs < 100) problems.push('webhook.timeoutMs (WEBHOOK_TIMEOUT_MS): must be at least 100');
-  if (c.webhook.maxInFlight < 1 || c.webhook.maxInFlight > 1000) problems.push('webhook.maxInFlight (WEBHOOK_MAX_IN_FLIGHT): must be 1 to 1000');
-  if (c.webhook.circuitFailureThreshold < 1) problems.push('webhook.circuitFailureThreshold (CIRCUIT_FAILURE_THRESHOLD): must be at least 1');
   if (c.webhook.circuitCooldownMs > c.webhook.circuitMaxCooldownMs) {
     problems.push('webhook.circuitCooldownMs (CIRCUIT_COOLDOWN_MS): must not exceed webhook.circuitMaxCooldownMs (CIRCUIT_MAX_COOLDOWN_MS)');
   }
-  if (c.retry.maxAttempts < 1 || c.retry.maxAttempts > 1000) problems.push('retry.maxAttempts (RETRY_MAX_ATTEMPTS): must be 1 to 1000');
-  if (c.retry.baseMs < 1) problems.push('retry.baseMs (RETRY_BASE_MS): must be at least 1');
   if (c.retry.baseMs > c.retry.maxMs) problems.push('retry.baseMs (RETRY_BASE_MS): must not exceed retry.maxMs (RETRY_MAX_MS)');
   if (!cron.validate(c.retention.schedule)) problems.push(`retention.schedule (RETENTION_SCHEDULE): not a valid cron expression: ${JSON.stringify(c.retention.schedule)}`);
-  if (c.retention.batchSize < 1) problems.push('retention.batchSize (RETENTION_BATCH_SIZE): must be at least 1');
-  if (c.retention.days < 1) problems.push('retention.days (RETENTION_DAYS): must be at least 1');
   if (c.retention.deadDays < c.retention.days) problems.push('retention.deadDays (RETENTION_DEAD_DAYS): must be at least retention.days (RETENTION_DAYS)');
   problems.push(...apiChecks(c.api));
   return problems;

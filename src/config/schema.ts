@@ -379,6 +379,27 @@ function isLeaf(node: object): node is SchemaLeaf {
 }
 
 /** Every leaf of the schema in declaration order. */
+/**
+ * Numeric limits beyond the format's, by key: checked at load (src/config/load.ts) and printed in the
+ * README's configuration reference (scripts/config-reference.mjs), from this one place.
+ */
+export const BOUNDS: Readonly<Record<string, { min?: number; max?: number }>> = {
+  'database.poolMax': { min: 2 },
+  'relay.fanoutBatchSize': { min: 1, max: 10_000 },
+  'relay.claimBatchSize': { min: 1, max: 10_000 },
+  'relay.pollIntervalMs': { min: 50 },
+  'webhook.timeoutMs': { min: 100 },
+  'webhook.maxInFlight': { min: 1, max: 1_000 },
+  'webhook.circuitFailureThreshold': { min: 1 },
+  'retry.maxAttempts': { min: 1, max: 1_000 },
+  'retry.baseMs': { min: 1 },
+  'retention.batchSize': { min: 1 },
+  'retention.days': { min: 1 },
+  'api.jwtClockSkewSeconds': { max: 300 },
+  'api.bodyLimitBytes': { min: 1_024, max: 10_485_760 },
+  'api.requestTimeoutMs': { min: 100 },
+};
+
 export function schemaEntries(node: object = schema, prefix = ''): SchemaEntry[] {
   const out: SchemaEntry[] = [];
   for (const [key, child] of Object.entries(node)) {
