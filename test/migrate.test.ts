@@ -398,3 +398,20 @@ t.test('migrate against a database that is not there: one clear line', async (t)
   t.match(res.stderr, /^outbox-relay: error: .*does not exist.*\n$/);
   t.notMatch(res.stderr, /password|:\/\/[^@]*:[^@]*@/, 'no credentials in the message');
 });
+
+t.test('migrate on a current database needs no CREATE privilege (a relay role may run it at start)', async (t) => {
+  const db = await freshDatabase(t);
+  const role = `outbox_t_relay_${randomBytes(4).toString('hex')}`;
+  await db.query(`CREATE ROLE ${role} LOGIN`);
+  t.teardown(async () => {
+    await db.query(`DROP OWNED BY ${role}`).catch(() => undefined);
+    await db.query(`DROP ROLE IF EXISTS ${role}`).catch(() => undefined);
+  });
+  // Reads the bookkeeping; no CREATE on schema public (PostgreSQL 15 and later grant none by default).
+  await db.query(`REVOKE CREATE ON SCHEMA public FROM PUBLIC; GRANT SELECT ON public.outbox_relay_migrations TO ${role}`);
+  const url = new URL(db.url);
+  url.username = role;
+  const res = await runCli(['migrate'], { DATABASE_URL: url.toString() });
+  t.equal(res.code, 0, `exit 0 (${res.stderr})`);
+  t.match(res.stdout, /is up to date/, 'says the database is up to date');
+});

@@ -70,7 +70,11 @@ const INSERT_APPLIED = 'INSERT INTO public.outbox_relay_migrations (version, nam
 export async function migrate(client: pg.ClientBase, migrations: Migration[] = loadMigrations()): Promise<MigrationResult> {
   await client.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK_KEY.toString()]);
   try {
-    await client.query(CREATE_MIGRATIONS_TABLE);
+    // Only when missing: CREATE ... IF NOT EXISTS needs CREATE on the schema even when the table
+    // exists, and a relay role without it may still run `migrate` (or `run --migrate`) on a current
+    // database, as every replica may at start.
+    const exists = await client.query<{ t: string | null }>("SELECT to_regclass('public.outbox_relay_migrations')::text AS t");
+    if (!exists.rows[0]?.t) await client.query(CREATE_MIGRATIONS_TABLE);
     const { rows } = await client.query<{ version: number; name: string; checksum: string }>(SELECT_APPLIED);
     const applied = new Map(rows.map((r) => [r.version, r]));
     const known = new Set(migrations.map((m) => m.version));
