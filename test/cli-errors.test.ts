@@ -3,9 +3,10 @@
  * (exit 2), configuration errors (exit 78), an unreachable database (exit 69), reset-db refused in
  * production; always one clear line on stderr and never a stack trace.
  */
+import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import t from 'tap';
-import { runCli, type CliResult } from './helpers/cli.js';
+import { CLI, cleanEnv, runCli, type CliResult } from './helpers/cli.js';
 import { adminUrl, freshDatabase } from './helpers/db.js';
 
 /** One non-empty line on stderr. */
@@ -190,6 +191,33 @@ t.test('reset-db is refused with NODE_ENV=production and leaves the database unt
     t.equal(res.stdout, '');
   }
   t.same(await snapshot(), before, 'events, migrations and capture triggers untouched');
+
+  // At a terminal (a pty from script(1)) outside production, a person must type the name back.
+  const atTerminal = (typed: string): Promise<{ code: number | null; out: string }> =>
+    new Promise((resolve, reject) => {
+      const child = spawn('script', ['-qfec', `${JSON.stringify(process.execPath)} ${JSON.stringify(CLI)} reset-db`, '/dev/null'], {
+        env: cleanEnv({ NODE_ENV: 'development', DATABASE_URL: db.url }),
+        stdio: ['pipe', 'pipe', 'pipe'],
+      });
+      let out = '';
+      const collect = (b: Buffer): void => {
+        out += b.toString();
+        if (/to go on: /.test(out) && !child.stdin.writableEnded) child.stdin.end(`${typed}\n`);
+      };
+      child.stdout.on('data', collect);
+      child.stderr.on('data', collect);
+      const timer = setTimeout(() => child.kill('SIGKILL'), 30_000);
+      child.on('error', reject);
+      child.on('close', (code) => {
+        clearTimeout(timer);
+        resolve({ code, out });
+      });
+    });
+  const wrong = await atTerminal('not-this-one');
+  t.match(wrong.out, new RegExp(`Type the database name \\(${db.name}\\) to go on`), 'at a terminal it asks for the database name');
+  t.equal(wrong.code, 2, 'a wrong name cancels (exit 2)');
+  t.match(wrong.out, /reset-db cancelled: "not-this-one" is not/);
+  t.same(await snapshot(), before, 'and changes nothing');
 
   // Control: outside production the same command does reset (so the snapshot above can tell).
   await runCli(['reset-db'], { NODE_ENV: 'development', DATABASE_URL: db.url });

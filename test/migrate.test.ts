@@ -362,7 +362,7 @@ t.test('reset-db drops everything of ours, keeps tenant data, and migrates again
   t.ok(dirty.triggers?.includes('items:outbox_capture_insert'), 'tenant tables carry capture triggers before');
 
   const prod = await runCli(['reset-db'], { ...env, NODE_ENV: 'production' });
-  t.equal(prod.code, 1, 'refused in production');
+  t.equal(prod.code, 78, 'refused in production (a configuration error: exit 78)');
   t.match(prod.stderr, /^outbox-relay: error: refusing to reset the database with NODE_ENV=production\n$/);
   t.same(await catalog(db), dirty, 'and nothing changed');
 

@@ -1,10 +1,11 @@
 /** `migrate` and `reset-db`: apply the schema, or (outside production) drop and re-apply it. */
+import { createInterface } from 'node:readline/promises';
 import type { Command } from 'commander';
 import { autoCaptureInstalled, NO_AUTO_CAPTURE_WARNING } from '../capture/triggers.js';
 import { describeTarget } from '../db/connection.js';
 import { migrate, loadMigrations } from '../db/migrate.js';
 import { resetDatabase } from '../db/reset.js';
-import { OutboxError } from '../errors.js';
+import { EXIT, OutboxError } from '../errors.js';
 import type { CommandContext } from './context.js';
 
 export function registerMigrateCommands(program: Command, ctx: () => CommandContext): void {
@@ -30,11 +31,20 @@ export function registerMigrateCommands(program: Command, ctx: () => CommandCont
   program
     .command('reset-db')
     .description('drop every outbox-relay table, function and capture trigger, then migrate again (refused in production)')
+    .option('--yes', 'do not ask for the database name at a terminal')
     .option('--json', 'print the result as JSON')
-    .action(async (opts: { json?: boolean }) => {
+    .action(async (opts: { json?: boolean; yes?: boolean }) => {
       const c = ctx();
       if (c.config.env === 'production') {
-        throw new OutboxError('refusing to reset the database with NODE_ENV=production', 'E_REFUSED_IN_PRODUCTION');
+        throw new OutboxError('refusing to reset the database with NODE_ENV=production', 'E_REFUSED_IN_PRODUCTION', EXIT.config);
+      }
+      // NODE_ENV defaults to development, so production alone does not protect a database: at a
+      // terminal, a person types the database's name back (scripts, with no terminal, are not asked).
+      if (!opts.yes && process.stdin.isTTY) {
+        const target = describeTarget(c.config.database);
+        const name = target.slice(target.lastIndexOf('/') + 1);
+        const typed = await ask(`reset-db drops every outbox event, acknowledgment, delivery and subscription in ${target}.\nType the database name (${name}) to go on: `);
+        if (typed.trim() !== name) throw new OutboxError(`reset-db cancelled: "${typed.trim()}" is not ${name}; nothing was changed`, 'E_CANCELLED', EXIT.usage);
       }
       const migrations = loadMigrations();
       const result = await c.withClient(async (client) => {
@@ -43,4 +53,14 @@ export function registerMigrateCommands(program: Command, ctx: () => CommandCont
       }, 'outbox-relay-reset');
       c.print(opts.json, { reset: true, applied: result.applied }, () => `database reset: all outbox data and capture triggers dropped, ${result.applied.length} migrations applied`);
     });
+}
+
+/** One line from the terminal (stderr carries the question, so stdout stays the command's output). */
+async function ask(question: string): Promise<string> {
+  const rl = createInterface({ input: process.stdin, output: process.stderr });
+  try {
+    return await rl.question(question);
+  } finally {
+    rl.close();
+  }
 }
