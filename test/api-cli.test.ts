@@ -155,6 +155,15 @@ t.test('api create-role', async (t) => {
     t.equal(res.code, 2, what);
     t.equal(res.stderr.trim().split('\n').length, 1, `${what}: one line`);
   }
+  // An application's role (here: one granted a tenant table) is not taken over.
+  const app = roleName(t, db);
+  await db.query(`CREATE SCHEMA app_data; CREATE TABLE app_data.orders (id integer PRIMARY KEY); CREATE ROLE ${app} LOGIN; GRANT SELECT, INSERT ON app_data.orders TO ${app}`);
+  const taken = await runCli(['api', 'create-role', '--name', app], { DATABASE_URL: db.url });
+  t.equal(taken.code, 2, 'an application role is refused');
+  t.match(taken.stderr, new RegExp(`role "${app}" already owns or has privileges on app_data\\.orders: it looks like an application role`));
+  t.equal(await db.query('SELECT 1 FROM public.outbox_api_roles WHERE role_name = $1', [app]).then((r) => r.rowCount), 0, 'and not registered');
+  t.equal((await runCli(['api', 'create-role', '--name', name], { DATABASE_URL: db.url })).code, 0, 'a registered role re-runs as before');
+
   const empty = await freshDatabase(t, { migrated: false });
   const unmigrated = await runCli(['api', 'create-role', '--name', name], { DATABASE_URL: empty.url });
   t.equal(unmigrated.code, 1);

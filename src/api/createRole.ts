@@ -42,6 +42,25 @@ const GRANTS = [
   'GRANT SELECT ON SEQUENCE public.outbox_events_id_seq TO %I',
 ];
 
+/**
+ * Relations of this database, other than those GRANTS names, that a role owns or holds a privilege on
+ * (granted to it by name, not through PUBLIC): at most three. None for a role already registered.
+ */
+const FOREIGN_RELATIONS = `
+WITH r AS (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $1)
+SELECT DISTINCT c.oid::regclass::text AS rel
+FROM pg_catalog.pg_class AS c
+LEFT JOIN LATERAL pg_catalog.aclexplode(c.relacl) AS a ON true
+WHERE NOT EXISTS (SELECT 1 FROM public.outbox_api_roles AS x WHERE x.role_name = $1)
+  AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+  AND c.relnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
+  AND (c.relowner = (SELECT oid FROM r) OR a.grantee = (SELECT oid FROM r))
+  AND c.oid NOT IN ('public.outbox_events'::regclass, 'public.outbox_relay_migrations'::regclass,
+                    'public.event_acknowledgments'::regclass, 'public.outbox_pull_cursors'::regclass,
+                    'public.outbox_events_id_seq'::regclass)
+ORDER BY 1
+LIMIT 3`;
+
 export async function createApiRole(client: pg.ClientBase, o: CreateRoleOptions): Promise<CreateRoleResult> {
   if (!ROLE_NAME_PATTERN.test(o.name) || o.name.startsWith('pg_')) {
     throw new UsageError(`role name ${JSON.stringify(o.name)} is not allowed: use lower-case letters, digits and _ (not starting with pg_), at most 63`);
@@ -69,6 +88,17 @@ export async function createApiRole(client: pg.ClientBase, o: CreateRoleOptions)
     const existing = rows[0];
     if (existing && (existing.rolsuper || existing.rolbypassrls)) {
       throw new UsageError(`role "${o.name}" exists and is ${existing.rolsuper ? 'a superuser' : 'BYPASSRLS'}: row-level security cannot confine it; choose another name`);
+    }
+    if (existing) {
+      // An existing role not registered yet that owns or was granted other relations here is
+      // somebody's application role: registered, row-level security would confine it to the pull
+      // API's view and break its own writes to the outbox tables.
+      const { rows: foreign } = await client.query<{ rel: string }>(FOREIGN_RELATIONS, [o.name]);
+      if (foreign.length > 0) {
+        throw new UsageError(
+          `role "${o.name}" already owns or has privileges on ${foreign.map((r) => r.rel).join(', ')}${foreign.length === 3 ? ', …' : ''}: it looks like an application role, which registering would confine to the pull API's view; the sidecar needs a role of its own, so choose another --name`,
+        );
+      }
     }
     if (!existing) {
       await client.query(await formatSql(client, 'CREATE ROLE %I WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS', o.name));
