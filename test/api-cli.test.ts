@@ -160,8 +160,19 @@ t.test('api create-role', async (t) => {
   await db.query(`CREATE SCHEMA app_data; CREATE TABLE app_data.orders (id integer PRIMARY KEY); CREATE ROLE ${app} LOGIN; GRANT SELECT, INSERT ON app_data.orders TO ${app}`);
   const taken = await runCli(['api', 'create-role', '--name', app], { DATABASE_URL: db.url });
   t.equal(taken.code, 2, 'an application role is refused');
-  t.match(taken.stderr, new RegExp(`role "${app}" already owns or has privileges on app_data\\.orders: it looks like an application role`));
+  t.match(taken.stderr, new RegExp(`role "${app}" already holds table app_data\\.orders: it looks like an application role`));
   t.equal(await db.query('SELECT 1 FROM public.outbox_api_roles WHERE role_name = $1', [app]).then((r) => r.rowCount), 0, 'and not registered');
+  // A writer with EXECUTE on outbox_write_event only (the README's setup), and a member of a group role.
+  const writer = roleName(t, db);
+  const member = roleName(t, db);
+  await db.query(`CREATE ROLE ${writer} LOGIN; GRANT EXECUTE ON FUNCTION public.outbox_write_event(text, text, text, text, jsonb, text) TO ${writer};
+                  CREATE ROLE ${member} LOGIN IN ROLE ${app}`);
+  const w = await runCli(['api', 'create-role', '--name', writer], { DATABASE_URL: db.url });
+  t.equal(w.code, 2, 'a writer role is refused');
+  t.match(w.stderr, /already holds function outbox_write_event\(text,text,text,text,jsonb,text\)/);
+  const mem = await runCli(['api', 'create-role', '--name', member], { DATABASE_URL: db.url });
+  t.equal(mem.code, 2, 'a member of another role is refused');
+  t.match(mem.stderr, new RegExp(`already holds membership in ${app}`));
   t.equal((await runCli(['api', 'create-role', '--name', name], { DATABASE_URL: db.url })).code, 0, 'a registered role re-runs as before');
 
   const empty = await freshDatabase(t, { migrated: false });

@@ -402,7 +402,8 @@ t.test('migrate against a database that is not there: one clear line', async (t)
 t.test('migrate on a current database needs no CREATE privilege (a relay role may run it at start)', async (t) => {
   const db = await freshDatabase(t);
   const role = `outbox_t_relay_${randomBytes(4).toString('hex')}`;
-  await db.query(`CREATE ROLE ${role} LOGIN`);
+  // A password: an embedded PostgreSQL authenticates by password, not trust.
+  await db.query(`CREATE ROLE ${role} LOGIN PASSWORD 'relay-role-pw'`);
   t.teardown(async () => {
     await db.query(`DROP OWNED BY ${role}`).catch(() => undefined);
     await db.query(`DROP ROLE IF EXISTS ${role}`).catch(() => undefined);
@@ -411,6 +412,7 @@ t.test('migrate on a current database needs no CREATE privilege (a relay role ma
   await db.query(`REVOKE CREATE ON SCHEMA public FROM PUBLIC; GRANT SELECT ON public.outbox_relay_migrations TO ${role}`);
   const url = new URL(db.url);
   url.username = role;
+  url.password = 'relay-role-pw';
   const res = await runCli(['migrate'], { DATABASE_URL: url.toString() });
   t.equal(res.code, 0, `exit 0 (${res.stderr})`);
   t.match(res.stdout, /is up to date/, 'says the database is up to date');

@@ -51,7 +51,8 @@ t.test('outbox_write_event: delivered at once, deduplicated, granted by name, re
 
   // A writer role with EXECUTE on the function only: no grants on the outbox tables.
   const role = `outbox_t_writer_${randomBytes(4).toString('hex')}`;
-  await db.query(`CREATE ROLE ${role} LOGIN`);
+  // A password: an embedded PostgreSQL authenticates by password, not trust.
+  await db.query(`CREATE ROLE ${role} LOGIN PASSWORD 'writer-role-pw'`);
   t.teardown(async () => {
     await db.query(`DROP OWNED BY ${role}`).catch(() => undefined);
     await db.query(`DROP ROLE IF EXISTS ${role}`).catch(() => undefined);
@@ -59,6 +60,7 @@ t.test('outbox_write_event: delivered at once, deduplicated, granted by name, re
   const asRole = async <R>(fn: (c: pg.Client) => Promise<R>): Promise<R> => {
     const url = new URL(db.url);
     url.username = role;
+    url.password = 'writer-role-pw';
     const c = new pg.Client({ connectionString: url.toString() });
     await c.connect();
     try {

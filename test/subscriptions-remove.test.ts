@@ -41,6 +41,11 @@ t.test('remove: refused while enabled; a 410-disabled subscription goes with its
   t.equal(await count(db, "SELECT count(*)::int AS n FROM public.outbox_deliveries WHERE subscription_id = $1 AND state <> 'dead'", [drop.id]), EVENTS,
     'its deliveries are kept pending, as a 410 does');
 
+  // The user acknowledged one of them by pull: the relay never overwrites that, so this event will
+  // carry no relay acknowledgment after the removal (and must still not be sent again).
+  const pulled = (await db.query<{ id: string }>('SELECT min(id)::text AS id FROM public.outbox_events WHERE tenant = $1', [tenant])).rows[0]!.id;
+  await db.query("INSERT INTO public.event_acknowledgments (event_id, user_id, tenant, processor, status, source) VALUES ($1, 2, $2, 'flowgram.ai', 'processed', 'pull')", [pulled, tenant]);
+
   const removed = await runCli(['subscriptions', 'remove', String(drop.id), '--json'], env);
   t.equal(removed.code, 0, removed.stderr);
   t.same(JSON.parse(removed.stdout), { id: drop.id, removed: true, deliveries: EVENTS }, 'it says how many deliveries went with it');
@@ -50,7 +55,8 @@ t.test('remove: refused while enabled; a 410-disabled subscription goes with its
   t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.outbox_subscriptions WHERE id = $1', [drop.id]), 0, 'the subscription is gone');
   const acks = await db.query<{ status: string; error: string }>(
     "SELECT status::text, metadata->>'error' AS error FROM public.event_acknowledgments WHERE user_id = 2 AND source = 'relay'");
-  t.equal(acks.rows.length, EVENTS, 'its user has an acknowledgment per event it never received');
+  t.equal(acks.rows.length, EVENTS - 1, 'its user has a relay acknowledgment per event it never received (but the one it acknowledged by pull)');
+  t.equal(await count(db, "SELECT count(*)::int AS n FROM public.event_acknowledgments WHERE user_id = 2 AND source = 'pull'"), 1, 'its pull acknowledgment is untouched');
   t.ok(acks.rows.every((a) => a.status === 'failed' && /subscription removed/.test(a.error)), "each 'failed', saying why");
   t.equal(await count(db, "SELECT count(*)::int AS n FROM public.event_acknowledgments WHERE user_id = 1 AND status = 'processed'"), EVENTS,
     "the other subscription's acknowledgments are untouched");

@@ -43,21 +43,41 @@ const GRANTS = [
 ];
 
 /**
- * Relations of this database, other than those GRANTS names, that a role owns or holds a privilege on
- * (granted to it by name, not through PUBLIC): at most three. None for a role already registered.
+ * What a role already holds in this database beyond what GRANTS gives (by name, not through
+ * PUBLIC): relations it owns or was granted, functions it may execute (outbox_write_event, say),
+ * schemas it owns or was granted (but USAGE on public), and the roles it is a member of. At most
+ * three, described. Nothing for a role already registered.
  */
-const FOREIGN_RELATIONS = `
-WITH r AS (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $1)
-SELECT DISTINCT c.oid::regclass::text AS rel
-FROM pg_catalog.pg_class AS c
-LEFT JOIN LATERAL pg_catalog.aclexplode(c.relacl) AS a ON true
+const FOREIGN_RIGHTS = `
+WITH r AS (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $1),
+held AS (
+  SELECT 'table ' || c.oid::regclass::text AS what
+  FROM pg_catalog.pg_class AS c
+  LEFT JOIN LATERAL pg_catalog.aclexplode(c.relacl) AS a ON true
+  WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+    AND c.relnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
+    AND (c.relowner = (SELECT oid FROM r) OR a.grantee = (SELECT oid FROM r))
+    AND c.oid NOT IN ('public.outbox_events'::regclass, 'public.outbox_relay_migrations'::regclass,
+                      'public.event_acknowledgments'::regclass, 'public.outbox_pull_cursors'::regclass,
+                      'public.outbox_events_id_seq'::regclass)
+  UNION
+  SELECT 'function ' || p.oid::regprocedure::text
+  FROM pg_catalog.pg_proc AS p
+  LEFT JOIN LATERAL pg_catalog.aclexplode(p.proacl) AS a ON true
+  WHERE p.pronamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
+    AND (p.proowner = (SELECT oid FROM r) OR a.grantee = (SELECT oid FROM r))
+  UNION
+  SELECT 'schema ' || n.nspname::text
+  FROM pg_catalog.pg_namespace AS n
+  LEFT JOIN LATERAL pg_catalog.aclexplode(n.nspacl) AS a ON true
+  WHERE (n.nspowner = (SELECT oid FROM r) OR (a.grantee = (SELECT oid FROM r) AND NOT (n.nspname = 'public' AND a.privilege_type = 'USAGE')))
+  UNION
+  SELECT 'membership in ' || g.rolname::text
+  FROM pg_catalog.pg_auth_members AS m JOIN pg_catalog.pg_roles AS g ON g.oid = m.roleid
+  WHERE m.member = (SELECT oid FROM r)
+)
+SELECT h.what FROM held AS h
 WHERE NOT EXISTS (SELECT 1 FROM public.outbox_api_roles AS x WHERE x.role_name = $1)
-  AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
-  AND c.relnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
-  AND (c.relowner = (SELECT oid FROM r) OR a.grantee = (SELECT oid FROM r))
-  AND c.oid NOT IN ('public.outbox_events'::regclass, 'public.outbox_relay_migrations'::regclass,
-                    'public.event_acknowledgments'::regclass, 'public.outbox_pull_cursors'::regclass,
-                    'public.outbox_events_id_seq'::regclass)
 ORDER BY 1
 LIMIT 3`;
 
@@ -90,13 +110,13 @@ export async function createApiRole(client: pg.ClientBase, o: CreateRoleOptions)
       throw new UsageError(`role "${o.name}" exists and is ${existing.rolsuper ? 'a superuser' : 'BYPASSRLS'}: row-level security cannot confine it; choose another name`);
     }
     if (existing) {
-      // An existing role not registered yet that owns or was granted other relations here is
-      // somebody's application role: registered, row-level security would confine it to the pull
-      // API's view and break its own writes to the outbox tables.
-      const { rows: foreign } = await client.query<{ rel: string }>(FOREIGN_RELATIONS, [o.name]);
+      // An existing role not registered yet that holds other rights here is somebody's application
+      // role: registered, row-level security would confine it to the pull API's view and break its
+      // own writes to the outbox tables (outbox_write_event refuses API roles).
+      const { rows: foreign } = await client.query<{ what: string }>(FOREIGN_RIGHTS, [o.name]);
       if (foreign.length > 0) {
         throw new UsageError(
-          `role "${o.name}" already owns or has privileges on ${foreign.map((r) => r.rel).join(', ')}${foreign.length === 3 ? ', …' : ''}: it looks like an application role, which registering would confine to the pull API's view; the sidecar needs a role of its own, so choose another --name`,
+          `role "${o.name}" already holds ${foreign.map((r) => r.what).join(', ')}${foreign.length === 3 ? ', …' : ''}: it looks like an application role, which registering would confine to the pull API's view; the sidecar needs a role of its own, so choose another --name`,
         );
       }
     }

@@ -100,7 +100,7 @@ async function schemaTables(client: pg.ClientBase, schema: string): Promise<stri
  */
 export async function installSchema(client: pg.ClientBase, schema: string, tables: readonly string[] = []): Promise<InstallReport> {
   assertIdentifier('schema', schema);
-  if (/^pg_/i.test(schema) || schema === 'information_schema') throw new UsageError(`${schema} is a system schema; its tables cannot be captured`);
+  if (schema.startsWith('pg_') || schema === 'information_schema') throw new UsageError(`${schema} is a system schema; its tables cannot be captured`);
   tables.forEach((t) => assertIdentifier('table', t));
   return inTransaction(client, async () => {
     await assertSchemaExists(client, schema);

@@ -60,6 +60,10 @@ async function ask(question: string): Promise<string> {
   const rl = createInterface({ input: process.stdin, output: process.stderr });
   try {
     return await rl.question(question);
+  } catch (err) {
+    // Ctrl-C or Ctrl-D at the question: a cancellation, not a failure.
+    if ((err as { code?: string }).code === 'ABORT_ERR') throw new OutboxError('reset-db cancelled; nothing was changed', 'E_CANCELLED', EXIT.usage);
+    throw err;
   } finally {
     rl.close();
   }

@@ -378,7 +378,6 @@ function isLeaf(node: object): node is SchemaLeaf {
   return 'doc' in node && 'default' in node;
 }
 
-/** Every leaf of the schema in declaration order. */
 /**
  * Numeric limits beyond the format's, by key: checked at load (src/config/load.ts) and printed in the
  * README's configuration reference (scripts/config-reference.mjs), from this one place.
@@ -400,6 +399,7 @@ export const BOUNDS: Readonly<Record<string, { min?: number; max?: number }>> = 
   'api.requestTimeoutMs': { min: 100 },
 };
 
+/** Every leaf of the schema in declaration order. */
 export function schemaEntries(node: object = schema, prefix = ''): SchemaEntry[] {
   const out: SchemaEntry[] = [];
   for (const [key, child] of Object.entries(node)) {

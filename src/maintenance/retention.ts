@@ -25,10 +25,10 @@ SELECT (SELECT count(*)::int FROM events) AS events, (SELECT count(*)::int FROM 
 
 /**
  * Unprocessed events older than the dead cutoff whose deliveries are all dead (none live, none
- * queued), and that were fanned out: a dead delivery is left, or the relay acknowledged it (its
- * subscriptions were removed since, sql/016). An event with no delivery and no relay acknowledgment
- * was never fanned out (written around capture): the relays queue it (sql/015), retention must not
- * delete it.
+ * queued), and that were fanned out: a dead delivery is left, or it was tried (attempts, set by every
+ * outcome and by a disable, so also by a removal of its subscriptions, sql/016). An event with no
+ * delivery that was never tried was never fanned out (written around capture): the relays queue it
+ * (sql/015), retention must not delete it.
  */
 const DELETE_DEAD = `
 WITH doomed AS (
@@ -36,8 +36,7 @@ WITH doomed AS (
   WHERE e.created_at < $1 AND e.processed_at IS NULL
     AND NOT EXISTS (SELECT 1 FROM public.outbox_fanout_queue AS q WHERE q.event_id = e.id)
     AND NOT EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id AND d.state <> 'dead')
-    AND (EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id AND d.state = 'dead')
-         OR EXISTS (SELECT 1 FROM public.event_acknowledgments AS a WHERE a.event_id = e.id AND a.source = 'relay'))
+    AND (e.attempts > 0 OR EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id AND d.state = 'dead'))
   ORDER BY e.created_at
   LIMIT $2
   FOR UPDATE SKIP LOCKED

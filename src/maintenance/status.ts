@@ -63,7 +63,7 @@ ORDER BY s.id`;
  */
 const STRANDED = `
 SELECT count(*)::bigint AS n FROM public.outbox_events AS e
-WHERE e.processed_at IS NULL AND e.created_at < now() - interval '1 minute'
+WHERE e.processed_at IS NULL AND e.created_at < now() - interval '1 minute' AND e.attempts = 0
   AND NOT EXISTS (SELECT 1 FROM public.outbox_fanout_queue AS q WHERE q.event_id = e.id)
   AND NOT EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id)
   AND NOT EXISTS (SELECT 1 FROM public.event_acknowledgments AS a WHERE a.event_id = e.id AND a.source = 'relay')`;

@@ -452,6 +452,8 @@ export class Relay extends EventEmitter<RelayEvents> {
 
   private async deliver(st: SubState, row: ClaimedRow): Promise<void> {
     const sub = st.sub;
+    // The circuit this send counts for: one reset meanwhile (a new URL) must not learn from it.
+    const breaker = st.breaker;
     const body = eventBody({
       id: row.event_id,
       tenant: row.tenant,
@@ -471,11 +473,11 @@ export class Relay extends EventEmitter<RelayEvents> {
     });
     const aborted = result.error?.code === 'aborted';
     const outcome = decideOutcome(result, row.attempt, row.max_attempts, this.config.retry, this.random);
-    if (!aborted) {
-      const changed = st.breaker.record(result.ok);
+    if (!aborted && breaker === st.breaker) {
+      const changed = breaker.record(result.ok);
       if (changed) {
         this.emit('circuit', sub.id, sub.tenant, changed);
-        const retryAt = st.breaker.retryAt;
+        const retryAt = breaker.retryAt;
         this.log[changed === 'closed' ? 'info' : 'warn'](
           { tenant: sub.tenant, subscription: sub.id, state: changed, ...(retryAt ? { probeAt: new Date(retryAt).toISOString() } : {}) },
           changed === 'open' ? 'circuit opened: deliveries to this subscription pause (no attempts burned)' : `circuit ${changed}`,
