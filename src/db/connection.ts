@@ -98,3 +98,22 @@ export async function withPoolClient<T>(pool: pg.Pool, fn: (client: pg.PoolClien
     client.release(failed);
   }
 }
+
+/**
+ * One statement in its own transaction under a statement_timeout of its own (background work such
+ * as the queue sampler and the stranded-event sweep: never long, whatever the pool allows).
+ */
+export async function queryWithTimeout<R extends pg.QueryResultRow>(pool: pg.Pool, timeoutMs: number, query: pg.QueryConfig): Promise<pg.QueryResult<R>> {
+  return withPoolClient(pool, async (client) => {
+    try {
+      await client.query('BEGIN');
+      await client.query("SELECT set_config('statement_timeout', $1, true)", [`${Math.max(1, Math.round(timeoutMs))}ms`]);
+      const res = await client.query<R>(query);
+      await client.query('COMMIT');
+      return res;
+    } catch (err) {
+      await client.query('ROLLBACK').catch(() => undefined);
+      throw err;
+    }
+  });
+}

@@ -7,7 +7,7 @@
  * so an old stranded event is found too, however large the backlog (sql/015).
  */
 import type pg from 'pg';
-import { withPoolClient } from '../db/connection.js';
+import { queryWithTimeout } from '../db/connection.js';
 import type { Logger } from '../log.js';
 
 /**
@@ -59,20 +59,9 @@ export class StrandedSweep {
     try {
       const minAge = `${Math.max(0, Math.round(this.options.minAgeMs ?? 30_000))} milliseconds`;
       // The sweep holds the lane lock shared, so fan-out waits while it runs: never for long.
-      const { rows } = await withPoolClient(pool, async (client) => {
-        try {
-          await client.query('BEGIN');
-          await client.query("SET LOCAL statement_timeout = '5s'");
-          const res = await client.query<{ n: number; nextCreated: string | null; nextId: string | null }>({
-            text: REQUEUE_STRANDED_SQL,
-            values: [minAge, this.options.scanLimit ?? 10_000, this.cursor.created, this.cursor.id],
-          });
-          await client.query('COMMIT');
-          return res;
-        } catch (err) {
-          await client.query('ROLLBACK').catch(() => undefined);
-          throw err;
-        }
+      const { rows } = await queryWithTimeout<{ n: number; nextCreated: string | null; nextId: string | null }>(pool, 5_000, {
+        text: REQUEUE_STRANDED_SQL,
+        values: [minAge, this.options.scanLimit ?? 10_000, this.cursor.created, this.cursor.id],
       });
       const n = rows[0]?.n ?? 0;
       this.cursor = { created: rows[0]?.nextCreated ?? null, id: rows[0]?.nextId ?? null };

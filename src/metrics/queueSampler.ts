@@ -4,7 +4,7 @@
  * piles up. Each sample is one statement with a short statement_timeout.
  */
 import type pg from 'pg';
-import { withPoolClient } from '../db/connection.js';
+import { queryWithTimeout } from '../db/connection.js';
 import type { Logger } from '../log.js';
 import type { QueueSample, RelayMetrics } from './relayMetrics.js';
 
@@ -69,19 +69,9 @@ export class QueueSampler {
 
   private async run(): Promise<void> {
     try {
-      await withPoolClient(this.options.pool, async (client) => {
-        try {
-          await client.query('BEGIN');
-          await client.query("SET LOCAL statement_timeout = '5s'");
-          const { rows } = await client.query<{ tenant: string; pending: number; dead: number; queued: number; oldest_age: number }>(SAMPLE_QUEUE);
-          await client.query('COMMIT');
-          const samples: QueueSample[] = rows.map((r) => ({ tenant: r.tenant, pending: r.pending + r.queued, dead: r.dead, oldestAgeSeconds: Math.max(0, r.oldest_age) }));
-          this.options.metrics.setQueueSample(samples, rows.reduce((n, r) => n + r.queued, 0));
-        } catch (err) {
-          await client.query('ROLLBACK').catch(() => undefined);
-          throw err;
-        }
-      });
+      const { rows } = await queryWithTimeout<{ tenant: string; pending: number; dead: number; queued: number; oldest_age: number }>(this.options.pool, 5_000, { text: SAMPLE_QUEUE });
+      const samples: QueueSample[] = rows.map((r) => ({ tenant: r.tenant, pending: r.pending + r.queued, dead: r.dead, oldestAgeSeconds: Math.max(0, r.oldest_age) }));
+      this.options.metrics.setQueueSample(samples, rows.reduce((n, r) => n + r.queued, 0));
     } catch (err) {
       // The database is down or slow: the gauges keep their last values, database_up says why.
       this.options.logger.debug({ err: (err as Error).message }, 'queue sample failed; gauges keep their last values');
