@@ -8,6 +8,7 @@
  */
 import type pg from 'pg';
 import { queryWithTimeout } from '../db/connection.js';
+import { PeriodicTask } from '../daemon/periodicTask.js';
 import type { Logger } from '../log.js';
 
 /**
@@ -32,26 +33,24 @@ export interface StrandedSweepOptions {
 }
 
 export class StrandedSweep {
-  private timer: NodeJS.Timeout | undefined;
-  private running: Promise<number> | undefined;
+  private readonly task: PeriodicTask<number>;
   /**
    * Where the walk over all unprocessed events goes on (null: from the start). Text, to the
    * microsecond: a JavaScript Date would cut it to milliseconds and walk some events twice.
    */
   private cursor: { created: string | null; id: string | null } = { created: null, id: null };
 
-  constructor(private readonly options: StrandedSweepOptions) {}
+  constructor(private readonly options: StrandedSweepOptions) {
+    this.task = new PeriodicTask(() => this.run(), options.intervalMs ?? 60_000);
+  }
 
   start(): void {
-    void this.sweep();
-    this.timer = setInterval(() => void this.sweep(), this.options.intervalMs ?? 60_000);
-    this.timer.unref();
+    this.task.start();
   }
 
   /** One sweep now (joins one that is running); resolves to how many events it queued. */
   sweep(): Promise<number> {
-    this.running ??= this.run().finally(() => (this.running = undefined));
-    return this.running;
+    return this.task.now();
   }
 
   private async run(): Promise<number> {
@@ -78,8 +77,7 @@ export class StrandedSweep {
     }
   }
 
-  async stop(): Promise<void> {
-    if (this.timer) clearInterval(this.timer);
-    await this.running;
+  stop(): Promise<void> {
+    return this.task.stop();
   }
 }

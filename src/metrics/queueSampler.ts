@@ -5,6 +5,7 @@
  */
 import type pg from 'pg';
 import { queryWithTimeout } from '../db/connection.js';
+import { PeriodicTask } from '../daemon/periodicTask.js';
 import type { Logger } from '../log.js';
 import type { QueueSample, RelayMetrics } from './relayMetrics.js';
 
@@ -50,21 +51,19 @@ export interface SamplerOptions {
 }
 
 export class QueueSampler {
-  private timer: NodeJS.Timeout | undefined;
-  private running: Promise<void> | undefined;
+  private readonly task: PeriodicTask<void>;
 
-  constructor(private readonly options: SamplerOptions) {}
+  constructor(private readonly options: SamplerOptions) {
+    this.task = new PeriodicTask(() => this.run(), options.intervalMs ?? 15_000);
+  }
 
   start(): void {
-    void this.sample();
-    this.timer = setInterval(() => void this.sample(), this.options.intervalMs ?? 15_000);
-    this.timer.unref();
+    this.task.start();
   }
 
   /** One sample now (skipped while the previous one still runs). */
   sample(): Promise<void> {
-    this.running ??= this.run().finally(() => (this.running = undefined));
-    return this.running;
+    return this.task.now();
   }
 
   private async run(): Promise<void> {
@@ -78,8 +77,7 @@ export class QueueSampler {
     }
   }
 
-  async stop(): Promise<void> {
-    if (this.timer) clearInterval(this.timer);
-    await this.running;
+  stop(): Promise<void> {
+    return this.task.stop();
   }
 }
