@@ -9,6 +9,7 @@ import pg from 'pg';
 import t from 'tap';
 import { createLogger } from '../src/log.js';
 import { runRetention } from '../src/maintenance/retention.js';
+import { STRANDED_COUNT_LIMIT } from '../src/maintenance/status.js';
 import { REQUEUE_STRANDED_SQL } from '../src/maintenance/strandedSweep.js';
 import { runCli } from './helpers/cli.js';
 import { freshDatabase, type TestDatabase } from './helpers/db.js';
@@ -210,6 +211,24 @@ t.test('the sweep waits for a replay in progress, so it never queues an event re
   await replay.query('COMMIT');
   t.equal((await sweeping).rows[0]!.n, 0, 'then sees the delivery and queues nothing');
   t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.outbox_fanout_queue'), 0, 'no queue entry beside the delivery (fan-out would fail on it)');
+});
+
+t.test('status counts stranded events up to a limit and then says "more than"', async (t) => {
+  const db = await freshDatabase(t);
+  const tenant = tenantName('bulk');
+  await createTenant(db, tenant);
+  // A bulk load around capture, one row over the count's limit.
+  await db.query(`INSERT INTO public.outbox_events (tenant, event_type, aggregate_id, aggregate_type, payload, created_at)
+                  SELECT $1, 'orders_insert', g::text, 'orders', '{}', now() - interval '2 minutes' FROM generate_series(1, $2::int) g`,
+  [tenant, STRANDED_COUNT_LIMIT + 1]);
+  const json = await runCli(['status', '--json'], { DATABASE_URL: db.url });
+  t.equal(json.code, 0, 'status --json runs');
+  t.match(JSON.parse(json.stdout), { stranded: STRANDED_COUNT_LIMIT, strandedAtLeast: true }, 'counted up to the limit, flagged as "at least"');
+  const text = await runCli(['status'], { DATABASE_URL: db.url });
+  t.match(text.stdout, new RegExp(`more than ${STRANDED_COUNT_LIMIT} unprocessed event\\(s\\) older than a minute`), 'and says "more than" in words');
+  await db.query('DELETE FROM public.outbox_events WHERE id IN (SELECT id FROM public.outbox_events ORDER BY id LIMIT 2)');
+  t.match(JSON.parse((await runCli(['status', '--json'], { DATABASE_URL: db.url })).stdout), { stranded: STRANDED_COUNT_LIMIT - 1, strandedAtLeast: false },
+    'below the limit: the exact count');
 });
 
 t.test('a walk over all unprocessed events finds a stranded one however many newer ones there are', async (t) => {

@@ -566,3 +566,41 @@ t.test('subscriptions add refuses invalid URLs and filters with exit 2 and a cle
   const { rows } = await db.query<{ event_types: string[] }>('SELECT event_types FROM public.outbox_subscriptions');
   t.same(rows[0]?.event_types, ['vendors_*', 'projects_update'], 'and the filter stored as given');
 });
+
+t.test('an event queued again beside its existing delivery is skipped, and fan-out goes on for the rest', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('tq');
+  await createTenant(db, T);
+  const recv = await startReceiver(t);
+  const sub = await subscribe(db, { tenant: T, userId: 6, url: recv.url() });
+  recv.secrets.push(sub.secret);
+  // Vendor 1's first event fails: its delivery dies after one attempt and stays (dead).
+  const typeOf = (r: ReceivedRequest) => (JSON.parse(r.body) as { event_type: string }).event_type;
+  recv.respond = (r, res) => answer(res, aggregateOf(r) === '1' && typeOf(r) === 'vendors_insert' ? 500 : 200, 'x');
+  const relay = await startRelay(t, db.url, { ...NO_CIRCUIT, RETRY_MAX_ATTEMPTS: '1' });
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 3) g`]);
+  const dead = () => count(db, "SELECT count(*)::int AS n FROM public.outbox_deliveries WHERE state = 'dead'");
+  await waitFor(async () => recv.delivered.size === 2 && (await dead()) === 1, 10_000, 'two events delivered, one dead',
+    async () => ({ delivered: recv.delivered.size, unprocessed: await unprocessed(db), d: (await db.query('SELECT state, attempts FROM public.outbox_deliveries')).rows, errors: relay.logs.errors().map((l) => l.msg) }));
+  const [deadId] = await eventIds(db, T);
+  // A failed event stays unprocessed (the seed's monitoring queries count it as failed).
+  t.equal(await unprocessed(db), 1, 'only the failed event unprocessed');
+  // What a hand-made INSERT into the queue (or a restored dump) can leave: an event that still has
+  // its delivery queued again, beside new events in the same fan-out batch, one of them on the
+  // same aggregate. The deliveries' primary key used to refuse the whole batch, at every poll:
+  // nothing more was fanned out or claimed, for any subscription.
+  await writeAll(db, ['BEGIN', `INSERT INTO public.outbox_fanout_queue (event_id) VALUES (${Number(deadId)})`,
+    `INSERT INTO ${T}.vendors (id, name) SELECT g, 'w' || g FROM generate_series(4, 8) g`,
+    `UPDATE ${T}.vendors SET name = 'again' WHERE id = 1`, 'COMMIT']);
+  await waitFor(async () => recv.delivered.size === 8 && (await unprocessed(db)) === 1
+    && (await count(db, 'SELECT count(*)::int AS n FROM public.outbox_fanout_queue')) === 0,
+  10_000, 'the new events delivered and the queue empty',
+  async () => ({ delivered: recv.delivered.size, errors: relay.logs.errors().map((l) => l.msg) }));
+  t.equal(recv.requests.length, 9, 'the event queued again was not sent again');
+  t.ok([...recv.delivered.values()].some((r) => aggregateOf(r) === '1' && typeOf(r) === 'vendors_update'),
+    'vendor 1\'s next event went (it did not wait behind a delivery that was never written)');
+  const { rows: left } = await db.query<{ state: string; attempts: number }>('SELECT state, attempts FROM public.outbox_deliveries');
+  t.same(left, [{ state: 'dead', attempts: 1 }], 'its dead delivery is left as it was');
+  t.equal(await count(db, "SELECT count(*)::int AS n FROM public.event_acknowledgments WHERE status = 'processed'"), 8, 'each delivered event acknowledged once');
+  t.same(relay.logs.errors().map((l) => l.msg), [], 'no error logged');
+});

@@ -32,7 +32,7 @@ export function registerOpsCommands(program: Command, ctx: () => CommandContext)
         parts.push(report.lag.length ? renderTable(['TENANT', 'UNPROCESSED', 'OLDEST'], report.lag.map((r) => [r.tenant, r.unprocessed, seconds(r.oldest_seconds)])) : 'no unprocessed events');
         if (report.stranded > 0) {
           parts.push(
-            `${report.stranded} unprocessed event(s) older than a minute have no fan-out queue entry (written into outbox_events directly):`,
+            `${report.strandedAtLeast ? 'more than ' : ''}${report.stranded} unprocessed event(s) older than a minute have no fan-out queue entry (written into outbox_events directly):`,
             'running relays queue them (new ones within a minute); have writers use public.outbox_write_event(...) instead',
           );
         }

@@ -58,15 +58,26 @@ WHERE NOT s.enabled
 ORDER BY s.id`;
 
 /**
+ * `status` counts stranded events up to this many: past it, it says "at least". The count probes
+ * three tables per unprocessed event, and a large backlog written around capture (a bulk load) would
+ * otherwise make every `status` read all of it.
+ */
+export const STRANDED_COUNT_LIMIT = 10_000;
+
+/**
  * Unprocessed events older than a minute that were never fanned out nor queued: written around
  * capture and public.outbox_write_event (sql/015). Running relays queue them (sql/015 says how soon).
+ * The predicate is the sweep's (outbox_requeue_stranded); counted up to $1 rows.
  */
 const STRANDED = `
-SELECT count(*)::bigint AS n FROM public.outbox_events AS e
-WHERE e.processed_at IS NULL AND e.created_at < now() - interval '1 minute' AND e.attempts = 0
-  AND NOT EXISTS (SELECT 1 FROM public.outbox_fanout_queue AS q WHERE q.event_id = e.id)
-  AND NOT EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id)
-  AND NOT EXISTS (SELECT 1 FROM public.event_acknowledgments AS a WHERE a.event_id = e.id AND a.source = 'relay')`;
+SELECT count(*)::bigint AS n FROM (
+  SELECT 1 FROM public.outbox_events AS e
+  WHERE e.processed_at IS NULL AND e.created_at < now() - interval '1 minute' AND e.attempts = 0
+    AND NOT EXISTS (SELECT 1 FROM public.outbox_fanout_queue AS q WHERE q.event_id = e.id)
+    AND NOT EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id)
+    AND NOT EXISTS (SELECT 1 FROM public.event_acknowledgments AS a WHERE a.event_id = e.id AND a.source = 'relay')
+  LIMIT $1
+) AS s`;
 
 export interface StatusReport {
   events: Array<{ tenant: string; event_type: string; total_events: number; processed: number; pending: number; failed: number }>;
@@ -74,8 +85,10 @@ export interface StatusReport {
   processingTime: Array<{ event_type: string; avg_processing_time_seconds: number }>;
   lag: Array<{ tenant: string; unprocessed: number; oldest_seconds: number }>;
   attention: Array<{ id: number; tenant: string; userId: number; enabled: boolean; disabledReason: string | null; circuits: Array<{ worker: string; state: string; since: string }> | null; dead: number }>;
-  /** Events written without a fan-out queue entry, not yet queued by a relay (see STRANDED). */
+  /** Events written without a fan-out queue entry, not yet queued by a relay (see STRANDED), counted up to STRANDED_COUNT_LIMIT. */
   stranded: number;
+  /** True when there are more than `stranded` (the count stopped at STRANDED_COUNT_LIMIT). */
+  strandedAtLeast: boolean;
 }
 
 const num = (v: unknown): number => Number(v);
@@ -88,7 +101,8 @@ export async function statusReport(client: pg.ClientBase): Promise<StatusReport>
   const times = await client.query(PROCESSING_TIME);
   const lag = await client.query(LAG);
   const attention = await client.query(ATTENTION);
-  const stranded = await client.query<{ n: string }>(STRANDED);
+  const stranded = await client.query<{ n: string }>(STRANDED, [STRANDED_COUNT_LIMIT + 1]);
+  const nStranded = num(stranded.rows[0]?.n ?? 0);
   return {
     events: events.rows
       .map((r) => ({ tenant: r.tenant, event_type: r.event_type, total_events: num(r.total_events), processed: num(r.processed), pending: num(r.pending), failed: num(r.failed) }))
@@ -101,6 +115,7 @@ export async function statusReport(client: pg.ClientBase): Promise<StatusReport>
       .sort((a, b) => a.event_type.localeCompare(b.event_type)),
     lag: lag.rows.map((r) => ({ tenant: r.tenant, unprocessed: num(r.unprocessed), oldest_seconds: num(r.oldest_seconds) })),
     attention: attention.rows,
-    stranded: num(stranded.rows[0]?.n ?? 0),
+    stranded: Math.min(nStranded, STRANDED_COUNT_LIMIT),
+    strandedAtLeast: nStranded > STRANDED_COUNT_LIMIT,
   };
 }
