@@ -7,6 +7,7 @@
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import t from 'tap';
+import { freePort } from '../src/db/embeddedPostgres.js';
 import { runCli } from './helpers/cli.js';
 import { runProcess } from './helpers/process.js';
 import { freshDatabase, type TestContext, type TestDatabase } from './helpers/db.js';
@@ -195,7 +196,8 @@ t.test('a missing or wrong key for an encrypted secret is a clear error', async 
     ['a relay whose keys do not list k2', K3, /encrypted with key "k2", which OUTBOX_ENCRYPTION_KEYS does not list/],
     ['a relay without OUTBOX_ENCRYPTION_KEYS', undefined, /a signing secret is encrypted, but OUTBOX_ENCRYPTION_KEYS is not set/],
   ] as const) {
-    const relay = spawnRelay(t, db.url, { LOG_LEVEL: 'info', ...(keys ? { OUTBOX_ENCRYPTION_KEYS: keys } : {}) });
+    const port = await freePort();
+    const relay = spawnRelay(t, db.url, { LOG_LEVEL: 'debug', METRICS_ENABLED: 'true', METRICS_HOST: '127.0.0.1', METRICS_PORT: String(port), ...(keys ? { OUTBOX_ENCRYPTION_KEYS: keys } : {}) });
     // (Stopped only once started: a SIGTERM while the relay is still starting leaves the process
     // running, an engine bug reported separately.)
     await waitFor(() => relay.logs.has('subscription skipped') && relay.logs.has('relay started'), 30_000, `${what}: the skipped subscription to be logged`, relay.diag);
@@ -204,6 +206,20 @@ t.test('a missing or wrong key for an encrypted secret is a clear error', async 
     t.equal(line?.subscription, sub.id, `${what}: naming the subscription`);
     t.match(String(line?.problem), expected, `${what}: and the problem (${String(line?.problem)})`);
     t.ok(relay.running, `${what}: the relay keeps running for the other subscriptions`);
+    // Operators see it without reading logs: /metrics, and /readyz (still 200: the others are served).
+    const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+    t.match(metrics, /^outbox_relay_subscriptions_skipped 1$/m, `${what}: /metrics counts the skipped subscription`);
+    const ready = await fetch(`http://127.0.0.1:${port}/readyz`);
+    t.equal(ready.status, 200, `${what}: /readyz stays 200`);
+    t.match(await ready.json(), { checks: { subscriptions: `1 skipped (secret unusable): ${sub.id}` } }, `${what}: and names it`);
+    // Two more refreshes (what a NOTIFY on the subscriptions channel asks for): logged once, not at each.
+    const loads = () => relay.logs.lines.filter((l) => l.msg === 'subscriptions loaded').length;
+    for (let i = 0; i < 2; i++) {
+      const before = loads();
+      await db.query('NOTIFY outbox_subscriptions');
+      await waitFor(() => loads() > before, 10_000, `${what}: a refresh after NOTIFY`, relay.diag);
+    }
+    t.equal(relay.logs.lines.filter((l) => l.msg === 'subscription skipped').length, 1, `${what}: logged once, not at every refresh`);
     relay.kill('SIGTERM');
     t.equal((await relay.exited).code, 0);
   }
@@ -221,7 +237,7 @@ t.test('a missing or wrong key for an encrypted secret is a clear error', async 
 
 t.test('NODE_ENV=production without OUTBOX_ENCRYPTION_KEYS: run and subscriptions add exit 78; outside production one warning', async (t) => {
   const { db, T, recv } = await setup(t);
-  const prod = { DATABASE_URL: db.url, NODE_ENV: 'production', LOG_LEVEL: 'info', METRICS_ENABLED: 'false' };
+  const prod = { DATABASE_URL: db.url, NODE_ENV: 'production', LOG_LEVEL: 'debug', METRICS_ENABLED: 'false' };
   const run = await runCli(['run'], prod, { timeoutMs: 30_000 });
   t.equal(run.code, 78, `run exits 78 (EX_CONFIG): ${run.stderr.trim()}`);
   t.match(run.stderr, /OUTBOX_ENCRYPTION_KEYS is required in production/, 'saying what is missing');

@@ -103,6 +103,9 @@ export class RelayDaemon {
       checks.listen = this.relay.listening ? 'ok' : 'down';
       if (!this.relay.listening) ready = false;
     }
+    // Informational: the relay serves every other subscription, so this does not make it unready.
+    const skipped = this.relay.skippedSubscriptions();
+    if (skipped.length > 0) checks.subscriptions = `${skipped.length} skipped (secret unusable): ${skipped.map((s) => s.subscriptionId).join(', ')}`;
     if (this.stopping) {
       ready = false;
       checks.state = 'stopping';

@@ -117,6 +117,14 @@ export class RelayMetrics {
         if (metrics.relay) this.set(metrics.relay.inFlight);
       },
     });
+    new Gauge({
+      name: 'outbox_relay_subscriptions_skipped',
+      help: 'Enabled subscriptions this replica delivers nothing to because their signing secret cannot be used (see the relay\'s "subscription skipped" log line).',
+      registers: [r],
+      collect() {
+        if (metrics.relay) this.set(metrics.relay.skippedSubscriptions().length);
+      },
+    });
     this.dbErrors = new Counter({ name: 'outbox_relay_database_errors_total', help: 'Database errors the relay recovered from (by retrying).', registers: [r] });
   }
 

@@ -128,6 +128,8 @@ export class Relay extends EventEmitter<RelayEvents> {
   private readonly listener: WakeupListener | undefined;
   private readonly completions: CompletionBuffer;
   private readonly subs = new Map<number, SubState>();
+  /** Enabled subscriptions left out because their secret cannot be used, with the problem. */
+  private readonly skipped = new Map<number, string>();
   private readonly inflight = new Set<Promise<void>>();
   private readonly sendAbort = new AbortController();
 
@@ -213,6 +215,14 @@ export class Relay extends EventEmitter<RelayEvents> {
   }
 
   /** Circuit state per subscription (for metrics and status); probeAt: when an open one probes. */
+  /**
+   * Enabled subscriptions this relay delivers nothing to, because their signing secret cannot be used
+   * (a key OUTBOX_ENCRYPTION_KEYS does not list, no current secret). Their deliveries wait.
+   */
+  skippedSubscriptions(): Array<{ subscriptionId: number; problem: string }> {
+    return [...this.skipped].map(([subscriptionId, problem]) => ({ subscriptionId, problem }));
+  }
+
   circuits(): Array<{ subscriptionId: number; tenant: string; state: CircuitState; probeAt?: number }> {
     return [...this.subs.values()]
       .filter((s) => s.active)
@@ -565,7 +575,18 @@ export class Relay extends EventEmitter<RelayEvents> {
   private async refreshSubscriptions(): Promise<void> {
     this.refreshWanted = false;
     const { subscriptions, problems } = await loadActiveSubscriptions(this.pool, this.cipher);
-    for (const p of problems) this.log.error({ subscription: p.subscriptionId, problem: p.message }, 'subscription skipped');
+    // Logged when a subscription becomes unusable (or its problem changes) and when it is usable
+    // again, not at every refresh; /metrics and /readyz show the current set.
+    const nowSkipped = new Map(problems.map((p) => [p.subscriptionId, p.message]));
+    for (const [id, message] of nowSkipped) {
+      if (this.skipped.get(id) !== message) this.log.error({ subscription: id, problem: message }, 'subscription skipped');
+    }
+    for (const id of this.skipped.keys()) {
+      if (!nowSkipped.has(id) && subscriptions.some((x) => x.id === id)) this.log.info({ subscription: id }, 'subscription usable again');
+    }
+    this.skipped.clear();
+    for (const [id, message] of nowSkipped) this.skipped.set(id, message);
+    this.log.debug({ active: subscriptions.length, skipped: problems.length }, 'subscriptions loaded');
     const seen = new Set<number>();
     const w = this.config.webhook;
     for (const sub of subscriptions) {
