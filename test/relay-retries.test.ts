@@ -539,6 +539,11 @@ t.test('subscriptions add refuses invalid URLs and filters with exit 2 and a cle
     t.equal(res.code, 2, `filter ${JSON.stringify(events.slice(0, 40))}: exit 2`);
     t.match(res.stderr, /invalid event filter/, 'says it is the filter');
   }
+  for (const events of ['', '  ']) {
+    const res = await runCli([...base, '--url', 'https://example.com/hook', '--events', events], env);
+    t.equal(res.code, 2, `an empty filter ${JSON.stringify(events)} (an unset variable) is refused, not read as "every event"`);
+    t.match(res.stderr, /the event filter is empty: leave the option out, or give "\*"/, 'saying how to ask for every event');
+  }
   const other: Array<[string[], RegExp]> = [
     [['--ordering', 'random'], /ordering must be/],
     [['--secret', 'not-a-secret'], /whsec_/],

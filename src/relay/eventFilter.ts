@@ -6,9 +6,14 @@ import { UsageError } from '../errors.js';
 
 const PATTERN = /^[A-Za-z0-9_*]{1,100}$/;
 
-/** Parses "vendors_*,projects_update" into a list; empty input means every event. */
+/**
+ * Parses "vendors_*,projects_update" into a list; no filter (undefined) or "*" means every event. An
+ * empty or blank filter is refused: it is what `--events "$UNSET_VARIABLE"` gives, and reading it as
+ * "every event" would send a receiver event types it was meant not to get.
+ */
 export function parseEventFilter(input: string | undefined): string[] {
-  if (input === undefined || input.trim() === '' || input.trim() === '*') return [];
+  if (input === undefined || input.trim() === '*') return [];
+  if (input.trim() === '') throw new UsageError('the event filter is empty: leave the option out, or give "*", for every event type');
   const parts = input.split(',').map((p) => p.trim());
   for (const p of parts) {
     if (!PATTERN.test(p)) {
