@@ -56,3 +56,44 @@ t.test('a new URL resets the circuit; disabling clears it; rows of relays gone f
     15_000, 'the disabled subscription\'s circuit to leave status');
   t.pass('no stale circuit is left');
 });
+
+t.test('circuit rows say when a relay last vouched for them: status hides old ones, relays delete very old ones, and rewrite their own', async (t) => {
+  const db = await freshDatabase(t);
+  const tenant = tenantName('cs');
+  await createTenant(db, tenant);
+  const bad = await startReceiver(t, { respond: (_r, res) => answer(res, 500, 'broken') });
+  const sub = await subscribe(db, { tenant, userId: 1, url: bad.url('/hook') });
+  // Rows of relays in other containers (another hostname each): one gone 11 minutes ago, one gone
+  // 3 minutes ago, and one that vouched for its row just now.
+  const rows: Array<[string, string]> = [['gone-long:1', '11 minutes'], ['gone-lately:1', '3 minutes'], ['alive:1', '0 seconds']];
+  for (const [worker, age] of rows) {
+    await db.query("INSERT INTO public.outbox_circuit_states (subscription_id, worker_id, state, probe_at, changed_at, seen_at) VALUES ($1, $2, 'open', now(), now() - $3::interval, now() - $3::interval)",
+      [sub.id, worker, age]);
+  }
+  const statusCircuits = async () => {
+    const res = await runCli(['status', '--json'], { DATABASE_URL: db.url });
+    t.equal(res.code, 0, 'status runs');
+    const report = JSON.parse(res.stdout) as { attention: Array<{ id: number; circuits: Array<{ worker: string }> | null }> };
+    return (report.attention.find((a) => a.id === sub.id)?.circuits ?? []).map((c) => c.worker).sort();
+  };
+  t.same(await statusCircuits(), ['alive:1'],
+    'status shows only the row seen in the last 2 minutes');
+
+  const relay = await startRelay(t, db.url, OPEN_LONG);
+  const workers = async () => (await db.query<{ worker_id: string }>('SELECT worker_id FROM public.outbox_circuit_states ORDER BY 1')).rows.map((r) => r.worker_id);
+  await waitFor(async () => !(await workers()).includes('gone-long:1'), 10_000, 'the heartbeat at start to delete the row unseen for 10 minutes');
+  t.same(await workers(), ['alive:1', 'gone-lately:1'], 'rows seen more lately are left to expire');
+
+  // This relay's own circuit opens; a row lost (deleted by hand, a failed write) is written again by
+  // its next heartbeat, and one it does not vouch for any more goes.
+  await writeAll(db, [`INSERT INTO ${tenant}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 3) g`]);
+  const own = relay.config.relay.workerId;
+  await waitFor(async () => (await workers()).includes(own), 15_000, 'its circuit to open and be recorded');
+  t.same(await statusCircuits(), ['alive:1', own].sort(), 'status shows it beside the live row of the other relay');
+  await db.query('DELETE FROM public.outbox_circuit_states WHERE worker_id = $1', [own]);
+  await db.query("INSERT INTO public.outbox_circuit_states (subscription_id, worker_id, state) VALUES ($1 + 1000, $2, 'open')", [sub.id, own]);
+  await relay.daemon.circuits.sync();
+  const { rows: mine } = await db.query<{ subscription_id: string; state: string; fresh: boolean }>(
+    "SELECT subscription_id::text, state, seen_at > now() - interval '5 seconds' AS fresh FROM public.outbox_circuit_states WHERE worker_id = $1", [own]);
+  t.same(mine, [{ subscription_id: String(sub.id), state: 'open', fresh: true }], 'a heartbeat writes its open circuit again and drops the row it does not vouch for');
+});

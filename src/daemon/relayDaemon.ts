@@ -45,7 +45,8 @@ export class RelayDaemon {
   private readonly sampler: QueueSampler;
   private readonly retention: RetentionSchedule | undefined;
   private readonly stranded: StrandedSweep | undefined;
-  private readonly circuits: CircuitRecorder;
+  /** Records this replica's open circuits for `status` (sql/008, sql/018). */
+  readonly circuits: CircuitRecorder;
   private readonly abort = new AbortController();
   private stopping: Promise<void> | undefined;
   private metricsPort: number | undefined;
@@ -129,6 +130,7 @@ export class RelayDaemon {
     if (this.abort.signal.aborted) return;
     // The queue gauges exist for the metrics port; without it the sampler's queries are wasted.
     if (this.metricsServer) this.sampler.start();
+    this.circuits.startHeartbeat();
     this.retention?.start();
     this.stranded?.start();
   }
@@ -142,6 +144,7 @@ export class RelayDaemon {
       await this.stranded?.stop();
       await this.relay.stop().catch((err: unknown) => log.error({ err: String(err) }, 'relay stop failed'));
       await this.sampler.stop().catch(() => undefined);
+      await this.circuits.stopHeartbeat();
       await this.circuits.clear();
       await this.pool.end().catch(() => undefined);
       await this.metricsServer?.stop().catch(() => undefined);

@@ -44,16 +44,24 @@ WHERE processed_at IS NULL
 GROUP BY tenant
 ORDER BY oldest_seconds DESC`;
 
+/**
+ * A circuit row counts while its relay vouches for it: relays rewrite their rows every 30 s
+ * (CIRCUIT_HEARTBEAT_MS), so a row older than this is a relay's that is gone (sql/018).
+ */
+const CIRCUIT_ROW_VISIBLE = '2 minutes';
+
 /** Subscriptions that are disabled or have an open circuit on some replica. */
 const ATTENTION = `
 SELECT s.id::int, s.tenant::text AS tenant, s.user_id AS "userId", s.enabled, s.disabled_reason AS "disabledReason",
        (SELECT json_agg(json_build_object('worker', c.worker_id, 'state', c.state,
                                           'since', to_char(c.changed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')))
-        FROM public.outbox_circuit_states AS c WHERE c.subscription_id = s.id) AS circuits,
+        FROM public.outbox_circuit_states AS c
+        WHERE c.subscription_id = s.id AND c.seen_at > now() - interval '${CIRCUIT_ROW_VISIBLE}') AS circuits,
        (SELECT count(*)::int FROM public.outbox_deliveries AS d WHERE d.subscription_id = s.id AND d.state = 'dead') AS dead
 FROM public.outbox_subscriptions AS s
 WHERE NOT s.enabled
-   OR EXISTS (SELECT 1 FROM public.outbox_circuit_states AS c WHERE c.subscription_id = s.id)
+   OR EXISTS (SELECT 1 FROM public.outbox_circuit_states AS c
+              WHERE c.subscription_id = s.id AND c.seen_at > now() - interval '${CIRCUIT_ROW_VISIBLE}')
    OR EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.subscription_id = s.id AND d.state = 'dead')
 ORDER BY s.id`;
 

@@ -1,17 +1,42 @@
 /**
  * Records this replica's open and half-open circuits in public.outbox_circuit_states (from the
- * relay's circuit events), so that `outbox-relay status` can show them. Best effort: a failed write
- * is logged at debug and the next change writes again.
+ * relay's circuit events, and a heartbeat that rewrites them every 30 s: sql/018), so that
+ * `outbox-relay status` can show them. Best effort: a failed write is logged at debug and the next
+ * change or heartbeat writes again.
  */
 import { hostname } from 'node:os';
 import type pg from 'pg';
+import { PeriodicTask } from '../daemon/periodicTask.js';
 import type { Logger } from '../log.js';
 import type { Relay } from './relay.js';
 
 const UPSERT = `
-INSERT INTO public.outbox_circuit_states (subscription_id, worker_id, state, probe_at, changed_at)
-VALUES ($1, $2, $3, $4, now())
-ON CONFLICT (subscription_id, worker_id) DO UPDATE SET state = excluded.state, probe_at = excluded.probe_at, changed_at = now()`;
+INSERT INTO public.outbox_circuit_states (subscription_id, worker_id, state, probe_at, changed_at, seen_at)
+VALUES ($1, $2, $3, $4, now(), now())
+ON CONFLICT (subscription_id, worker_id) DO UPDATE SET state = excluded.state, probe_at = excluded.probe_at, changed_at = now(), seen_at = now()`;
+
+/** How often a relay rewrites its rows (seen_at); `status` hides rows older than CIRCUIT_ROW_VISIBLE (status.ts). */
+export const CIRCUIT_HEARTBEAT_MS = 30_000;
+/** Rows no relay rewrote for this long are deleted by any relay's heartbeat. */
+const CIRCUIT_ROW_EXPIRY = '10 minutes';
+
+/**
+ * The heartbeat: this relay's rows become exactly its current non-closed circuits ($2..$4, seen
+ * now), and rows of any relay unseen for CIRCUIT_ROW_EXPIRY go. This relay's own rows are never
+ * both deleted and upserted by the one statement.
+ */
+const SYNC = `
+WITH gone AS (
+  DELETE FROM public.outbox_circuit_states AS s
+  WHERE (s.worker_id = $1 AND NOT (s.subscription_id = ANY ($2::bigint[])))
+     OR (s.worker_id <> $1 AND s.seen_at < now() - interval '${CIRCUIT_ROW_EXPIRY}')
+)
+INSERT INTO public.outbox_circuit_states AS s (subscription_id, worker_id, state, probe_at, changed_at, seen_at)
+SELECT c.subscription_id, $1, c.state, c.probe_at, now(), now()
+FROM unnest($2::bigint[], $3::text[], $4::timestamptz[]) AS c(subscription_id, state, probe_at)
+ON CONFLICT (subscription_id, worker_id) DO UPDATE
+SET state = excluded.state, probe_at = excluded.probe_at, seen_at = now(),
+    changed_at = CASE WHEN s.state = excluded.state THEN s.changed_at ELSE now() END`;
 const REMOVE = 'DELETE FROM public.outbox_circuit_states WHERE subscription_id = $1 AND worker_id = $2';
 const REMOVE_ALL = 'DELETE FROM public.outbox_circuit_states WHERE worker_id = $1';
 const REMOVE_WORKERS = 'DELETE FROM public.outbox_circuit_states WHERE worker_id = ANY ($1::text[])';
@@ -29,6 +54,11 @@ function processAlive(pidText: string): boolean {
 }
 
 export class CircuitRecorder {
+  private relay: Relay | undefined;
+  /** Writes go one after another, in the order of the changes (a heartbeat never undoes a later change). */
+  private chain: Promise<unknown> = Promise.resolve();
+  private readonly heartbeat = new PeriodicTask(() => this.sync(), CIRCUIT_HEARTBEAT_MS);
+
   constructor(
     private readonly pool: pg.Pool,
     private readonly workerId: string,
@@ -36,13 +66,44 @@ export class CircuitRecorder {
   ) {}
 
   bind(relay: Relay): void {
+    this.relay = relay;
     relay.on('circuit', (subscriptionId, _tenant, state) => {
       const probeAt = relay.circuits().find((c) => c.subscriptionId === subscriptionId)?.probeAt ?? null;
-      const query = state === 'closed'
+      void this.write(() => state === 'closed'
         ? this.pool.query(REMOVE, [subscriptionId, this.workerId])
-        : this.pool.query(UPSERT, [subscriptionId, this.workerId, state, probeAt ? new Date(probeAt) : null]);
-      query.catch((err: unknown) => this.logger.debug({ err: (err as Error).message }, 'could not record circuit state'));
+        : this.pool.query(UPSERT, [subscriptionId, this.workerId, state, probeAt ? new Date(probeAt) : null]));
     });
+  }
+
+  /** Rewrites this relay's rows every CIRCUIT_HEARTBEAT_MS (also repairing a write that failed). */
+  startHeartbeat(): void {
+    this.heartbeat.start();
+  }
+
+  async stopHeartbeat(): Promise<void> {
+    await this.heartbeat.stop();
+  }
+
+  /** One heartbeat: this relay's rows as its circuits are now; rows of relays long gone deleted. */
+  sync(): Promise<void> {
+    return this.write(() => {
+      const open = (this.relay?.circuits() ?? []).filter((c) => c.state !== 'closed');
+      return this.pool.query(SYNC, [
+        this.workerId,
+        open.map((c) => c.subscriptionId),
+        open.map((c) => c.state),
+        open.map((c) => (c.probeAt ? new Date(c.probeAt) : null)),
+      ]);
+    });
+  }
+
+  private write(query: () => Promise<unknown>): Promise<void> {
+    const next = this.chain.then(query).then(
+      () => undefined,
+      (err: unknown) => this.logger.debug({ err: (err as Error).message }, 'could not record circuit state'),
+    );
+    this.chain = next;
+    return next;
   }
 
   /**
@@ -50,15 +111,18 @@ export class CircuitRecorder {
    * on this host that are gone: a default worker id is `hostname:pid`, and a relay killed with -9
    * (or by the OOM killer) left its rows behind, shown by `status` as open circuits for ever.
    */
-  async clear(): Promise<void> {
-    await this.pool.query(REMOVE_ALL, [this.workerId]).catch(() => undefined);
-    try {
-      const prefix = `${hostname()}:`;
-      const { rows } = await this.pool.query<{ worker_id: string }>(LOCAL_WORKERS, [prefix]);
-      const gone = rows.map((r) => r.worker_id).filter((w) => w !== this.workerId && !processAlive(w.slice(prefix.length)));
-      if (gone.length) await this.pool.query(REMOVE_WORKERS, [gone]);
-    } catch (err) {
-      this.logger.debug({ err: (err as Error).message }, 'could not clear circuit states of stopped relays');
-    }
+  clear(): Promise<void> {
+    // In the chain: a change still being written when the relay stops is not left behind.
+    return this.write(async () => {
+      await this.pool.query(REMOVE_ALL, [this.workerId]).catch(() => undefined);
+      try {
+        const prefix = `${hostname()}:`;
+        const { rows } = await this.pool.query<{ worker_id: string }>(LOCAL_WORKERS, [prefix]);
+        const gone = rows.map((r) => r.worker_id).filter((w) => w !== this.workerId && !processAlive(w.slice(prefix.length)));
+        if (gone.length) await this.pool.query(REMOVE_WORKERS, [gone]);
+      } catch (err) {
+        this.logger.debug({ err: (err as Error).message }, 'could not clear circuit states of stopped relays');
+      }
+    });
   }
 }
