@@ -285,3 +285,42 @@ t.test('api: the sidecar process', async (t) => {
     t.equal(await badBody.exited, 78);
   });
 });
+
+t.test('api drop-role undoes create-role: per database, all or nothing, and --drop only once no database holds the role', async (t) => {
+  const a = await freshDatabase(t);
+  const b = await freshDatabase(t);
+  const name = roleName(t, a);
+  for (const db of [a, b]) t.equal((await runCli(['api', 'create-role', '--name', name], { DATABASE_URL: db.url })).code, 0, `created and registered in ${db.name}`);
+  const rights = async (db: TestDatabase) => (await db.query<{ registered: boolean; read_events: boolean; write_acks: boolean; connect: boolean | null; exists: boolean }>(
+    `SELECT EXISTS (SELECT 1 FROM public.outbox_api_roles WHERE role_name = $1) AS registered,
+            EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) AS exists,
+            CASE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) THEN has_table_privilege($1, 'public.outbox_events', 'SELECT') END AS read_events,
+            CASE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) THEN has_table_privilege($1, 'public.event_acknowledgments', 'INSERT') END AS write_acks,
+            CASE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) THEN EXISTS (
+              SELECT 1 FROM pg_database AS d, aclexplode(d.datacl) AS x
+              WHERE d.datname = current_database() AND x.grantee = (SELECT oid FROM pg_roles WHERE rolname = $1)) END AS connect`, [name])).rows[0];
+
+  // Still registered in b: dropping the role is refused, and nothing changes in a.
+  const refused = await runCli(['api', 'drop-role', '--name', name, '--drop'], { DATABASE_URL: a.url });
+  t.equal(refused.code, 1, `refused while b holds it: ${refused.stderr.trim()}`);
+  t.match(refused.stderr, new RegExp(`role "${name}" cannot be dropped: it still holds rights elsewhere \\(.*${b.name}.*\\)\\. Run "outbox-relay api drop-role --name ${name}" against each other database first; nothing changed here`),
+    'naming the other database and what to do');
+  t.same(await rights(a), { registered: true, exists: true, read_events: true, write_acks: true, connect: true }, 'a is unchanged');
+
+  const unregistered = await runCli(['api', 'drop-role', '--name', name, '--json'], { DATABASE_URL: b.url });
+  t.equal(unregistered.code, 0, unregistered.stderr);
+  t.same(JSON.parse(unregistered.stdout), { role: name, database: b.name, dropped: false }, 'b: unregistered, the role kept');
+  t.same(await rights(b), { registered: false, exists: true, read_events: false, write_acks: false, connect: false }, 'b: every right create-role gave is revoked');
+  const again = await runCli(['api', 'drop-role', '--name', name], { DATABASE_URL: b.url });
+  t.equal(again.code, 2, 'a second time: not registered, exit 2');
+  t.match(again.stderr, new RegExp(`role "${name}" is not a registered pull API role in database ${b.name}.*nothing changed`));
+
+  const dropped = await runCli(['api', 'drop-role', '--name', name, '--drop'], { DATABASE_URL: a.url });
+  t.equal(dropped.code, 0, dropped.stderr);
+  t.match(dropped.stdout, new RegExp(`role ${name} unregistered and its rights revoked in database ${a.name}; role dropped`));
+  t.same(await rights(a), { registered: false, exists: false, read_events: null, write_acks: null, connect: null }, 'a: unregistered, and the role is gone from the cluster');
+
+  const bad = await runCli(['api', 'drop-role', '--name', 'Robert"; DROP TABLE x'], { DATABASE_URL: a.url });
+  t.equal(bad.code, 2, 'a name outside the pattern: exit 2');
+  t.match(bad.stderr, /is not allowed/);
+});

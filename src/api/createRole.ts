@@ -26,21 +26,33 @@ export interface CreateRoleResult {
 export const ROLE_NAME_PATTERN = /^[a-z_][a-z0-9_]{0,62}$/;
 
 /** Builds a statement text server-side: format() quotes identifiers (%I) and literals (%L). */
-async function formatSql(client: pg.ClientBase, template: string, ...args: string[]): Promise<string> {
+export async function formatSql(client: pg.ClientBase, template: string, ...args: string[]): Promise<string> {
   const params = args.map((_, i) => `$${i + 1}::text`).join(', ');
   const { rows } = await client.query<{ sql: string }>(`SELECT format($${args.length + 1}::text, ${params}) AS sql`, [...args, template]);
   return (rows[0] as { sql: string }).sql;
 }
 
-/** What the sidecar may do, in the current database: read events, write its own acknowledgments and cursors. */
-const GRANTS = [
-  'GRANT CONNECT ON DATABASE %I TO %I',
-  'GRANT USAGE ON SCHEMA public TO %I',
-  'GRANT SELECT ON public.outbox_events, public.outbox_relay_migrations TO %I',
-  'GRANT SELECT, INSERT, UPDATE ON public.event_acknowledgments, public.outbox_pull_cursors TO %I',
+/**
+ * What the sidecar may do, in the current database: read events, write its own acknowledgments and
+ * cursors. `on` is a format() template; the database's name fills its %I where it has one.
+ */
+const API_ROLE_RIGHTS: ReadonlyArray<{ privileges: string; on: string }> = [
+  { privileges: 'CONNECT', on: 'DATABASE %I' },
+  { privileges: 'USAGE', on: 'SCHEMA public' },
+  { privileges: 'SELECT', on: 'public.outbox_events, public.outbox_relay_migrations' },
+  { privileges: 'SELECT, INSERT, UPDATE', on: 'public.event_acknowledgments, public.outbox_pull_cursors' },
   // The pull cursors read the id sequence's position (sql/007, outbox_pull_advance).
-  'GRANT SELECT ON SEQUENCE public.outbox_events_id_seq TO %I',
+  { privileges: 'SELECT', on: 'SEQUENCE public.outbox_events_id_seq' },
 ];
+
+/** GRANT (or REVOKE) every right of API_ROLE_RIGHTS to (from) the role, in the current database. */
+export async function applyApiRoleRights(client: pg.ClientBase, action: 'GRANT' | 'REVOKE', role: string, database: string): Promise<void> {
+  for (const r of API_ROLE_RIGHTS) {
+    const template = `${action} ${r.privileges} ON ${r.on} ${action === 'GRANT' ? 'TO' : 'FROM'} %I`;
+    const args = r.on.includes('%I') ? [database, role] : [role];
+    await client.query(await formatSql(client, template, ...args));
+  }
+}
 
 /**
  * What a role already holds in this database beyond what GRANTS gives (by name, not through
@@ -81,10 +93,15 @@ WHERE NOT EXISTS (SELECT 1 FROM public.outbox_api_roles AS x WHERE x.role_name =
 ORDER BY 1
 LIMIT 3`;
 
-export async function createApiRole(client: pg.ClientBase, o: CreateRoleOptions): Promise<CreateRoleResult> {
-  if (!ROLE_NAME_PATTERN.test(o.name) || o.name.startsWith('pg_')) {
-    throw new UsageError(`role name ${JSON.stringify(o.name)} is not allowed: use lower-case letters, digits and _ (not starting with pg_), at most 63`);
+/** Refuses a role name outside ROLE_NAME_PATTERN or in PostgreSQL's reserved pg_ prefix. */
+export function checkRoleName(name: string): void {
+  if (!ROLE_NAME_PATTERN.test(name) || name.startsWith('pg_')) {
+    throw new UsageError(`role name ${JSON.stringify(name)} is not allowed: use lower-case letters, digits and _ (not starting with pg_), at most 63`);
   }
+}
+
+export async function createApiRole(client: pg.ClientBase, o: CreateRoleOptions): Promise<CreateRoleResult> {
+  checkRoleName(o.name);
   const verifier = o.password === undefined ? undefined : scramSha256Verifier(o.password);
 
   const { rows: ctx } = await client.query<{ db: string; me: string; owner: string | null; migrated: boolean }>(
@@ -126,10 +143,7 @@ export async function createApiRole(client: pg.ClientBase, o: CreateRoleOptions)
     if (verifier !== undefined) {
       await client.query(await formatSql(client, 'ALTER ROLE %I WITH LOGIN PASSWORD %L', o.name, verifier));
     }
-    for (const grant of GRANTS) {
-      const args = grant.startsWith('GRANT CONNECT') ? [db, o.name] : [o.name];
-      await client.query(await formatSql(client, grant, ...args));
-    }
+    await applyApiRoleRights(client, 'GRANT', o.name, db);
     await client.query('INSERT INTO public.outbox_api_roles (role_name) VALUES ($1) ON CONFLICT (role_name) DO NOTHING', [o.name]);
     await client.query('COMMIT');
     return { role: o.name, database: db, created: !existing, passwordSet: verifier !== undefined };

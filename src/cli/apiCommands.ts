@@ -1,14 +1,16 @@
 /**
- * `api`: the optional pull API sidecar, and its two helpers:
+ * `api`: the optional pull API sidecar, and its helpers:
  *   outbox-relay api                                       serve on PORT (logs JSON to stdout; SIGTERM stops it)
  *   outbox-relay api token --tenant S --user U [--ttl 1h]  mint a bearer token (development, operations)
  *   outbox-relay api create-role [--name outbox_api] [--password-file F]
  *                                                          the sidecar's own database role (run per database)
+ *   outbox-relay api drop-role --name R [--drop]           undo create-role in this database
  */
 import { readFileSync } from 'node:fs';
 import type { Command } from 'commander';
 import { authSettings, isTenantName, mintToken, parseTtl, parseUserId } from '../api/auth.js';
 import { createApiRole } from '../api/createRole.js';
+import { dropApiRole } from '../api/dropRole.js';
 import { ApiSidecar } from '../api/sidecar.js';
 import { secretProblems } from '../config/secrets.js';
 import type { Config } from '../config/schema.js';
@@ -94,5 +96,25 @@ export function registerApiCommands(program: Command, ctx: () => CommandContext)
         ].join('\n'),
       );
       if (result.created && !result.passwordSet) c.warn(`role ${result.role} has no password; set one with --password-file unless pg_hba.conf authenticates it otherwise`);
+    });
+
+  api
+    .command('drop-role')
+    .description(
+      'undo create-role in this database: revoke what it granted and unregister the role; with --drop, also drop the role from the cluster ' +
+        '(refused while it holds rights in another database). Stop sidecars connecting as the role first',
+    )
+    .requiredOption('--name <role>', 'role name')
+    .option('--drop', 'also DROP ROLE (cluster-wide)')
+    .option('--json', 'print the result as JSON')
+    .action(async (opts: { name: string; drop?: boolean; json?: boolean }) => {
+      const c = ctx();
+      const result = await c.withClient(async (client) => {
+        await requireMigrated(client);
+        return dropApiRole(client, { name: opts.name, drop: Boolean(opts.drop) });
+      });
+      c.print(opts.json, result, () =>
+        `role ${result.role} unregistered and its rights revoked in database ${result.database}${result.dropped ? '; role dropped' : ''}`,
+      );
     });
 }
