@@ -1,17 +1,23 @@
--- 017: fan-out skips an event's subscriptions that have its delivery already, instead of failing.
+-- 017: fan-out takes only events that were never fanned out; an event queued again is dropped from
+-- the queue and nothing else happens.
 --
--- Fan-out (013) inserted a delivery for every matching subscription of every queued event. An event
--- queued while its delivery still exists (an INSERT into outbox_fanout_queue by hand, a restored
--- dump, a script that "requeues" a dead event the wrong way) made that INSERT break the deliveries'
--- primary key: the whole batch was refused, at every poll, and with it every event queued behind it:
--- nothing more was fanned out or claimed, for any tenant, until someone found and deleted the queue
--- row. Fan-out and replay are the only writers of deliveries and both hold the lane lock (see 005),
--- so a pair that has a delivery when fan-out reads it still has one when it inserts: leaving such
--- pairs out of m is enough, and it also keeps them out of the lane decision (with ON CONFLICT DO
--- NOTHING instead, a dead delivery's event queued again would have counted as the head of its lane
--- and left the aggregate's next event waiting behind a delivery that was never written).
--- The existing delivery is left as it is: a dead one is resent by `replay`, as before.
--- The relay-retries test "an event queued again beside its existing delivery" covers both.
+-- Fan-out (013) trusted the queue: every queued event was fanned out to the subscriptions that
+-- match it now. An event queued while it had been fanned out already (an INSERT into
+-- outbox_fanout_queue by hand, a restored dump, a script that "requeues" a dead event the wrong
+-- way) then did harm, depending on what its deliveries had become:
+--   * one still there (retrying, waiting, dead): the INSERT broke the deliveries' primary key. The
+--     whole batch was refused, at every poll, and with it every event queued behind it: nothing
+--     more was fanned out or claimed, for any tenant, until someone found and deleted the queue row;
+--   * one delivered (its row deleted): a new delivery, so the event was sent again, after later
+--     events of its aggregate;
+--   * all its subscriptions disabled since: marked processed as "matched by none", so a failed
+--     event turned processed (and retention could delete it beside its dead deliveries).
+-- Now an event with a delivery or a relay acknowledgment (every outcome and every disable writes
+-- one) counts as fanned out, as the stranded sweep (015) counts it: it leaves the queue and is not
+-- fanned out, marked or leased. `replay` is the way to send such an event again. Fan-out and replay
+-- are the only writers of deliveries and both hold the lane lock (see 005), so what fan-out sees
+-- here still holds when it inserts.
+-- The relay-retries test "an event queued again" covers the three cases.
 -- Otherwise outbox_poll is 013's.
 
 CREATE OR REPLACE FUNCTION public.outbox_poll(batch_size integer, subscription_ids bigint[], capacities integer[], leases_ms integer[], worker text)
@@ -56,6 +62,11 @@ BEGIN
                 FROM public.outbox_events AS x WHERE x.id = b.id
                 OFFSET 0
             ) AS e
+            -- 017: only events never fanned out: no delivery and no relay acknowledgment (the
+            -- stranded sweep's rule, 015). The others leave the queue and nothing else happens.
+            -- Probes on the keys' leading column; OFFSET 0 keeps each a probe, never an anti-join.
+            WHERE NOT EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id OFFSET 0)
+              AND NOT EXISTS (SELECT 1 FROM public.event_acknowledgments AS a WHERE a.event_id = e.id AND a.source = 'relay' OFFSET 0)
         ),
         -- Materialized, so that the lane probe below compares the lane index's columns with values
         -- (planned as parameters), not with the expression that computes them: with an expression,
@@ -67,12 +78,6 @@ BEGIN
             JOIN public.outbox_subscriptions AS s
               ON s.tenant = ev.tenant AND s.enabled
              AND (cardinality(s.event_likes) = 0 OR ev.event_type LIKE ANY (s.event_likes))
-            -- 017: not where the event has its delivery already (one probe per pair on the primary
-            -- key; OFFSET 0 keeps it a probe, never an anti-join over the whole table).
-            WHERE NOT EXISTS (
-                SELECT 1 FROM public.outbox_deliveries AS x
-                WHERE x.event_id = ev.id AND x.subscription_id = s.id
-                OFFSET 0)
         ),
         decided AS (
             SELECT m.event_id, m.subscription_id, m.lane,

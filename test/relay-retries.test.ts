@@ -572,40 +572,51 @@ t.test('subscriptions add refuses invalid URLs and filters with exit 2 and a cle
   t.same(rows[0]?.event_types, ['vendors_*', 'projects_update'], 'and the filter stored as given');
 });
 
-t.test('an event queued again beside its existing delivery is skipped, and fan-out goes on for the rest', async (t) => {
+t.test('an event queued again after its fan-out is dropped from the queue: no stall, no resend, no change of its state', async (t) => {
   const db = await freshDatabase(t);
   const T = tenantName('tq');
   await createTenant(db, T);
   const recv = await startReceiver(t);
-  const sub = await subscribe(db, { tenant: T, userId: 6, url: recv.url() });
-  recv.secrets.push(sub.secret);
-  // Vendor 1's first event fails: its delivery dies after one attempt and stays (dead).
+  const ok = await subscribe(db, { tenant: T, userId: 6, url: recv.url('/ok') });
+  const flaky = await subscribe(db, { tenant: T, userId: 7, url: recv.url('/flaky') });
+  recv.secrets.push(ok.secret, flaky.secret);
+  // Vendor 1's first event fails at /flaky: that delivery dies after one attempt and stays (dead);
+  // /ok gets it (its delivery row is deleted).
   const typeOf = (r: ReceivedRequest) => (JSON.parse(r.body) as { event_type: string }).event_type;
-  recv.respond = (r, res) => answer(res, aggregateOf(r) === '1' && typeOf(r) === 'vendors_insert' ? 500 : 200, 'x');
+  recv.respond = (r, res) => answer(res, r.path === '/flaky' && aggregateOf(r) === '1' && typeOf(r) === 'vendors_insert' ? 500 : 200, 'x');
   const relay = await startRelay(t, db.url, { ...NO_CIRCUIT, RETRY_MAX_ATTEMPTS: '1' });
   await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 3) g`]);
   const dead = () => count(db, "SELECT count(*)::int AS n FROM public.outbox_deliveries WHERE state = 'dead'");
-  await waitFor(async () => recv.delivered.size === 2 && (await dead()) === 1, 10_000, 'two events delivered, one dead',
-    async () => ({ delivered: recv.delivered.size, unprocessed: await unprocessed(db), d: (await db.query('SELECT state, attempts FROM public.outbox_deliveries')).rows, errors: relay.logs.errors().map((l) => l.msg) }));
-  const [deadId] = await eventIds(db, T);
-  // A failed event stays unprocessed (the seed's monitoring queries count it as failed).
-  t.equal(await unprocessed(db), 1, 'only the failed event unprocessed');
-  // What a hand-made INSERT into the queue (or a restored dump) can leave: an event that still has
-  // its delivery queued again, beside new events in the same fan-out batch, one of them on the
-  // same aggregate. The deliveries' primary key used to refuse the whole batch, at every poll:
-  // nothing more was fanned out or claimed, for any subscription.
-  await writeAll(db, ['BEGIN', `INSERT INTO public.outbox_fanout_queue (event_id) VALUES (${Number(deadId)})`,
+  await waitFor(async () => recv.delivered.size === 5 && (await dead()) === 1, 10_000, 'five deliveries made, one dead',
+    async () => ({ delivered: recv.delivered.size, d: (await db.query('SELECT state, attempts FROM public.outbox_deliveries')).rows, errors: relay.logs.errors().map((l) => l.msg) }));
+  const [failedId] = await eventIds(db, T);
+  const stateOf = async () => (await db.query<{ status: string; processed: boolean }>(
+    'SELECT status::text, processed_at IS NOT NULL AS processed FROM public.outbox_events WHERE id = $1', [failedId])).rows[0];
+  t.same(await stateOf(), { status: 'failed', processed: false }, 'the event failed (one subscription\'s delivery died)');
+
+  // What a hand-made INSERT into the queue (or a restored dump) can leave: the fanned-out event
+  // queued again, beside new events in the same batch, one of them on the same aggregate. Its
+  // dead delivery used to break the deliveries' primary key at every poll (nothing more was fanned
+  // out or claimed, for any subscription), and /ok, whose delivery was done, got it a second time.
+  const requests = recv.requests.length;
+  await writeAll(db, ['BEGIN', `INSERT INTO public.outbox_fanout_queue (event_id) VALUES (${Number(failedId)})`,
     `INSERT INTO ${T}.vendors (id, name) SELECT g, 'w' || g FROM generate_series(4, 8) g`,
     `UPDATE ${T}.vendors SET name = 'again' WHERE id = 1`, 'COMMIT']);
-  await waitFor(async () => recv.delivered.size === 8 && (await unprocessed(db)) === 1
-    && (await count(db, 'SELECT count(*)::int AS n FROM public.outbox_fanout_queue')) === 0,
-  10_000, 'the new events delivered and the queue empty',
-  async () => ({ delivered: recv.delivered.size, errors: relay.logs.errors().map((l) => l.msg) }));
-  t.equal(recv.requests.length, 9, 'the event queued again was not sent again');
-  t.ok([...recv.delivered.values()].some((r) => aggregateOf(r) === '1' && typeOf(r) === 'vendors_update'),
+  const queued = () => count(db, 'SELECT count(*)::int AS n FROM public.outbox_fanout_queue');
+  await waitFor(async () => recv.delivered.size === 17 && (await queued()) === 0, 10_000, 'the six new events delivered to both and the queue empty',
+    async () => ({ delivered: recv.delivered.size, errors: relay.logs.errors().map((l) => l.msg) }));
+  t.equal(recv.requests.length - requests, 12, 'only the new events were sent, the one queued again to neither subscription');
+  t.ok([...recv.delivered.values()].some((r) => r.path === '/flaky' && aggregateOf(r) === '1' && typeOf(r) === 'vendors_update'),
     'vendor 1\'s next event went (it did not wait behind a delivery that was never written)');
-  const { rows: left } = await db.query<{ state: string; attempts: number }>('SELECT state, attempts FROM public.outbox_deliveries');
-  t.same(left, [{ state: 'dead', attempts: 1 }], 'its dead delivery is left as it was');
-  t.equal(await count(db, "SELECT count(*)::int AS n FROM public.event_acknowledgments WHERE status = 'processed'"), 8, 'each delivered event acknowledged once');
+  const { rows: left } = await db.query<{ subscription_id: string; state: string; attempts: number }>('SELECT subscription_id::text, state, attempts FROM public.outbox_deliveries');
+  t.same(left, [{ subscription_id: String(flaky.id), state: 'dead', attempts: 1 }], 'its dead delivery is left as it was');
+  t.same(await stateOf(), { status: 'failed', processed: false }, 'and the event is still failed');
+
+  // Both subscriptions disabled, then the event queued again: no subscription matches it now, and
+  // it used to be marked processed as "matched by none".
+  for (const id of [ok.id, flaky.id]) await db.query('SELECT public.outbox_disable_subscription($1, $2)', [id, 'test']);
+  await db.query('INSERT INTO public.outbox_fanout_queue (event_id) VALUES ($1)', [failedId]);
+  await waitFor(async () => (await queued()) === 0, 10_000, 'the queue entry to be taken');
+  t.same(await stateOf(), { status: 'failed', processed: false }, 'a failed event stays failed');
   t.same(relay.logs.errors().map((l) => l.msg), [], 'no error logged');
 });

@@ -23,7 +23,8 @@ const CIRCUIT_ROW_EXPIRY = '10 minutes';
 /**
  * The heartbeat: this relay's rows become exactly its current non-closed circuits ($2..$4, seen
  * now), and rows of any relay unseen for CIRCUIT_ROW_EXPIRY go. This relay's own rows are never
- * both deleted and upserted by the one statement.
+ * both deleted and upserted by the one statement. The ids must be distinct (Relay.circuits() gives
+ * one entry per subscription): ON CONFLICT DO UPDATE refuses to touch a row twice.
  */
 const SYNC = `
 WITH gone AS (
@@ -57,6 +58,7 @@ export class CircuitRecorder {
   private relay: Relay | undefined;
   /** Writes go one after another, in the order of the changes (a heartbeat never undoes a later change). */
   private chain: Promise<unknown> = Promise.resolve();
+  private heartbeatFailing = false;
   private readonly heartbeat = new PeriodicTask(() => this.sync(), CIRCUIT_HEARTBEAT_MS);
 
   constructor(
@@ -84,16 +86,28 @@ export class CircuitRecorder {
     await this.heartbeat.stop();
   }
 
-  /** One heartbeat: this relay's rows as its circuits are now; rows of relays long gone deleted. */
+  /**
+   * One heartbeat: this relay's rows as its circuits are now; rows of relays long gone deleted. A
+   * failing heartbeat is a warning (once until one succeeds): `status` stops showing this relay's
+   * open circuits two minutes after its last one.
+   */
   sync(): Promise<void> {
-    return this.write(() => {
+    return this.write(async () => {
       const open = (this.relay?.circuits() ?? []).filter((c) => c.state !== 'closed');
-      return this.pool.query(SYNC, [
-        this.workerId,
-        open.map((c) => c.subscriptionId),
-        open.map((c) => c.state),
-        open.map((c) => (c.probeAt ? new Date(c.probeAt) : null)),
-      ]);
+      try {
+        await this.pool.query(SYNC, [
+          this.workerId,
+          open.map((c) => c.subscriptionId),
+          open.map((c) => c.state),
+          open.map((c) => (c.probeAt ? new Date(c.probeAt) : null)),
+        ]);
+        this.heartbeatFailing = false;
+      } catch (err) {
+        if (!this.heartbeatFailing) {
+          this.logger.warn({ err: (err as Error).message }, 'could not record circuit states; status will not show this relay\'s open circuits until this succeeds (retried every 30 s)');
+        }
+        this.heartbeatFailing = true;
+      }
     });
   }
 

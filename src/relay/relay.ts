@@ -214,7 +214,6 @@ export class Relay extends EventEmitter<RelayEvents> {
     return this.inflight.size;
   }
 
-  /** Circuit state per subscription (for metrics and status); probeAt: when an open one probes. */
   /**
    * Enabled subscriptions this relay delivers nothing to, because their signing secret cannot be used
    * (a key OUTBOX_ENCRYPTION_KEYS does not list, no current secret). Their deliveries wait.
@@ -223,6 +222,7 @@ export class Relay extends EventEmitter<RelayEvents> {
     return [...this.skipped].map(([subscriptionId, problem]) => ({ subscriptionId, problem }));
   }
 
+  /** Circuit state per subscription, one entry per id (for metrics and status); probeAt: when an open one probes. */
   circuits(): Array<{ subscriptionId: number; tenant: string; state: CircuitState; probeAt?: number }> {
     return [...this.subs.values()]
       .filter((s) => s.active)
