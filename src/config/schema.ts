@@ -124,6 +124,12 @@ export const schema = {
       default: 500,
       env: 'RELAY_CLAIM_BATCH_SIZE',
     },
+    bufferBytes: {
+      doc: 'Most payload bytes a relay holds in deliveries it leased and has not finished sending (its prefetch queues and requests in flight); claims stop there. A single larger payload still goes, alone. Bounds memory with rows of megabytes.',
+      format: 'nat',
+      default: 33_554_432,
+      env: 'RELAY_BUFFER_BYTES',
+    },
     leaseMs: {
       doc: 'How long a claim is held. Must exceed the longest webhook timeout; work of a crashed replica resumes after it.',
       format: 'nat',
@@ -326,6 +332,7 @@ export interface Config {
     workerId: string;
     fanoutBatchSize: number;
     claimBatchSize: number;
+    bufferBytes: number;
     leaseMs: number;
     pollIntervalMs: number;
     notifyMode: NotifyMode;
@@ -386,6 +393,7 @@ export const BOUNDS: Readonly<Record<string, { min?: number; max?: number }>> = 
   'database.poolMax': { min: 2 },
   'relay.fanoutBatchSize': { min: 1, max: 10_000 },
   'relay.claimBatchSize': { min: 1, max: 10_000 },
+  'relay.bufferBytes': { min: 65_536 },
   'relay.pollIntervalMs': { min: 50 },
   'webhook.timeoutMs': { min: 100 },
   'webhook.maxInFlight': { min: 1, max: 1_000 },

@@ -39,7 +39,7 @@ export const WAKEUP_CHANNEL = 'outbox_wakeup';
  */
 export const POLL_SQL = `SELECT p.event_id, p.subscription_id, p.attempt, p.max_attempts, p.tenant, p.event_type,
        p.aggregate_id, p.aggregate_type, p.payload, p.created_at
-FROM public.outbox_poll($1, $2::bigint[], $3::int[], $4::int[], $5) AS p
+FROM public.outbox_poll_bounded($1, $2::bigint[], $3::int[], $4::int[], $5, $6::bigint) AS p
 WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL`;
 /*
  * The statements run on every round are prepared once per connection (named): that saves their
@@ -48,7 +48,7 @@ WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL`;
  * not break a relay that is still running: PostgreSQL refuses to run a prepared statement whose result
  * type changed ("cached plan must not change result type").
  */
-const PREPARED = { poll: 'outbox-relay-poll', nextDue: 'outbox-relay-next-due', setIdle: 'outbox-relay-set-idle' } as const;
+const PREPARED = { poll: 'outbox-relay-poll-bounded', nextDue: 'outbox-relay-next-due', setIdle: 'outbox-relay-set-idle' } as const;
 /** When the next ready delivery of these subscriptions falls due. */
 const NEXT_DUE = 'SELECT extract(epoch FROM public.outbox_next_due($1::bigint[])) * 1000 AS at';
 /** Gives back leases that were never used. */
@@ -131,6 +131,10 @@ export class Relay extends EventEmitter<RelayEvents> {
   /** Enabled subscriptions left out because their secret cannot be used, with the problem. */
   private readonly skipped = new Map<number, string>();
   private readonly inflight = new Set<Promise<void>>();
+  /** Payload characters of the deliveries being sent now (those queued are counted from the queues). */
+  private inflightPayload = 0;
+  /** Payload size of recent claims (a moving average; 0 until the first claim). */
+  private payloadEstimate = 0;
   private readonly sendAbort = new AbortController();
 
   private accepting = false;
@@ -340,15 +344,31 @@ export class Relay extends EventEmitter<RelayEvents> {
     let progress = false;
     const batch = this.config.relay.fanoutBatchSize;
     for (let round = 0; ; round++) {
-      const { ids, caps } = this.capacities();
+      // Payload bytes this relay may still take on (RELAY_BUFFER_BYTES less what it holds); with
+      // none left it claims nothing until sends finish (fan-out still runs).
+      const room = this.config.relay.bufferBytes - this.heldPayload();
+      // As many deliveries as the room holds at the payload size seen lately (and one more: a
+      // claim takes its first whatever its size), so that few leases come back over the budget.
+      const fit = this.payloadEstimate > 0 ? Math.floor(room / this.payloadEstimate) + 1 : Number.POSITIVE_INFINITY;
+      const { ids, caps } = room > 0 ? this.capacities(Math.min(this.config.relay.claimBatchSize, fit)) : { ids: [], caps: [] };
       if (ids.length === 0 && !this.fanoutWanted) return progress;
       this.fanoutWanted = false;
       const t0 = performance.now();
       const leases = ids.map((id) => this.leaseFor(id));
-      const { rows } = await this.pool.query<ClaimedRow>({ name: PREPARED.poll, text: POLL_SQL, values: [batch, ids, caps, leases, this.config.relay.workerId] });
+      const { rows } = await this.pool.query<ClaimedRow>({
+        name: PREPARED.poll,
+        text: POLL_SQL,
+        values: [batch, ids, caps, leases, this.config.relay.workerId, Math.max(room, 0)],
+      });
       const ms = performance.now() - t0;
       const summary = rows.pop();
       const fanned = summary?.max_attempts ?? 0;
+      // Leases the budget gave back at once (sql/019): those subscriptions have more waiting.
+      const givenBack = summary?.attempt ?? 0;
+      if (rows.length > 0) {
+        const mean = rows.reduce((n, r) => n + r.payload.length, 0) / rows.length;
+        this.payloadEstimate = this.payloadEstimate > 0 ? 0.7 * this.payloadEstimate + 0.3 * mean : mean;
+      }
       this.emit('fanout', fanned, ms);
       this.emit('claim', rows.length, ms);
       if (fanned > 0 || rows.length > 0) progress = true;
@@ -364,7 +384,7 @@ export class Relay extends EventEmitter<RelayEvents> {
       ids.forEach((id, i) => {
         const st = this.subs.get(id);
         if (st) {
-          st.drained = (got.get(id) ?? 0) < (caps[i] ?? 0);
+          st.drained = givenBack === 0 && (got.get(id) ?? 0) < (caps[i] ?? 0);
           this.startSends(st);
         }
       });
@@ -375,16 +395,24 @@ export class Relay extends EventEmitter<RelayEvents> {
     }
   }
 
+  /** Payload held now: in the prefetch queues and in requests being sent (characters, about bytes). */
+  private heldPayload(): number {
+    let n = this.inflightPayload;
+    for (const st of this.subs.values()) for (const row of st.queue) n += row.payload.length;
+    return n;
+  }
+
   /**
    * Free capacity per subscription: up to twice its in-flight limit may be claimed (half of it
    * queued, so a claim's round trip never leaves the receiver idle), as the circuit allows, shared out
-   * up to the claim batch size starting at a rotating subscription (fairness).
+   * up to `limit` (the claim batch size, or fewer when payloads are large) starting at a rotating
+   * subscription (fairness).
    */
-  private capacities(): { ids: number[]; caps: number[] } {
+  private capacities(limit: number): { ids: number[]; caps: number[] } {
     const states = [...this.subs.values()].filter((s) => s.active);
     const ids: number[] = [];
     const caps: number[] = [];
-    let budget = this.config.relay.claimBatchSize;
+    let budget = limit;
     const n = states.length;
     this.claimCursor = n ? (this.claimCursor + 1) % n : 0;
     for (let i = 0; i < n && budget > 0; i++) {
@@ -446,6 +474,7 @@ export class Relay extends EventEmitter<RelayEvents> {
 
   private dispatch(st: SubState, row: ClaimedRow): void {
     st.inflight++;
+    this.inflightPayload += row.payload.length;
     st.breaker.onStart();
     const p = this.deliver(st, row).catch((err: unknown) => {
       this.log.error({ err: err instanceof Error ? err.message : String(err), eventId: row.event_id, subscription: st.sub.id }, 'unexpected error while delivering');
@@ -454,6 +483,7 @@ export class Relay extends EventEmitter<RelayEvents> {
     void p.finally(() => {
       this.inflight.delete(p);
       st.inflight--;
+      this.inflightPayload -= row.payload.length;
       this.startSends(st);
       // Refill the prefetch queue while the subscription has a backlog.
       if (!st.drained && st.queue.length < st.sub.maxInFlight) this.kick();
