@@ -290,7 +290,21 @@ t.test('api drop-role undoes create-role: per database, all or nothing, and --dr
   const a = await freshDatabase(t);
   const b = await freshDatabase(t);
   const name = roleName(t, a);
-  for (const db of [a, b]) t.equal((await runCli(['api', 'create-role', '--name', name], { DATABASE_URL: db.url })).code, 0, `created and registered in ${db.name}`);
+  const pwFile = join(tempDir(t), 'pw');
+  writeFileSync(pwFile, 'drop-role-test-pw\n', { mode: 0o600 });
+  for (const db of [a, b]) t.equal((await runCli(['api', 'create-role', '--name', name, '--password-file', pwFile], { DATABASE_URL: db.url })).code, 0, `created and registered in ${db.name}`);
+
+  // A session connected as the role (a running sidecar): refused unless --force.
+  const asRole = new URL(a.url);
+  asRole.username = name;
+  asRole.password = 'drop-role-test-pw';
+  const sidecar = new pg.Client({ connectionString: asRole.toString() });
+  await sidecar.connect();
+  const busy = await runCli(['api', 'drop-role', '--name', name], { DATABASE_URL: a.url });
+  t.equal(busy.code, 2, 'refused while a session is connected as the role');
+  t.match(busy.stderr, new RegExp(`1 session\\(s\\) are connected as role "${name}" \\(database ${a.name}\\): stop the sidecars that use it first, or pass --force; nothing changed`));
+  await sidecar.end();
+  await waitFor(async () => (await a.query('SELECT 1 FROM pg_stat_activity WHERE usename = $1', [name])).rowCount === 0, 5_000, 'the session to end');
   const rights = async (db: TestDatabase) => (await db.query<{ registered: boolean; read_events: boolean; write_acks: boolean; connect: boolean | null; exists: boolean }>(
     `SELECT EXISTS (SELECT 1 FROM public.outbox_api_roles WHERE role_name = $1) AS registered,
             EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) AS exists,

@@ -52,6 +52,11 @@ t.test('generate-secrets prints five NAME=value lines of strong, fresh secrets',
   t.ok(a.stdout.split('\n').every((l) => l === '' || l.startsWith('#') || /^[A-Z_]+=\S+$/.test(l)), 'only comments besides the five lines');
   const other = new Map(assignments(b.stdout));
   for (const [name, value] of lines) t.not(other.get(name), value, `${name} differs between runs`);
+  // Two keys made the same day get different ids: listed together (a rotation), both are accepted.
+  const keyA = new Map(lines).get('OUTBOX_ENCRYPTION_KEYS') as string;
+  const keyB = other.get('OUTBOX_ENCRYPTION_KEYS') as string;
+  t.not(keyA.split(':')[0], keyB.split(':')[0], 'key ids differ, even on the same day');
+  t.equal(parseKeyring(`${keyB},${keyA}`).ids.length, 2, 'so the new key can be listed before the old one');
 });
 
 t.test('generate-secrets --json is exactly one JSON object with the five names', async (t) => {

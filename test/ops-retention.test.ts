@@ -288,5 +288,6 @@ t.test('cleanup on a few hundred thousand events: the right rows go, the counts 
   const mine = report.events.find((e) => e.tenant === S);
   t.same(mine && { processed: mine.processed, failed: mine.failed }, { processed: N.B + N.C, failed: N.F + N.G }, 'processed and failed as seeded');
   t.ok(report.acknowledgments.length > 0, 'acknowledgment statistics are there');
-  t.equal(report.lag.find((l) => l.tenant === S)?.unprocessed, N.D + N.D2 + N.F + N.G + 500, 'the lag counts the unprocessed events');
+  t.equal(report.lag.find((l) => l.tenant === S)?.unprocessed, N.D + N.D2 + N.G + 500,
+    'the lag counts the events on their way (a live delivery, or queued), not those whose deliveries all died');
 });

@@ -79,6 +79,17 @@ t.test('circuit rows say when a relay last vouched for them: status hides old on
   t.same(await statusCircuits(), ['alive:1'],
     'status shows only the row seen in the last 2 minutes');
 
+  // replay says what its deliveries wait for: the circuit open on a live relay (not the one gone).
+  await writeAll(db, [`INSERT INTO ${tenant}.vendors (id, name) VALUES (100, 'dead')`]);
+  await db.query(`WITH q AS (DELETE FROM public.outbox_fanout_queue RETURNING event_id)
+                  INSERT INTO public.outbox_deliveries (event_id, subscription_id, state, attempts) SELECT event_id, $1, 'dead', 5 FROM q`, [sub.id]);
+  const replayed = await runCli(['replay', '--subscription', String(sub.id)], { DATABASE_URL: db.url });
+  t.equal(replayed.code, 0, replayed.stderr);
+  t.match(replayed.stdout, /^1 deliveries queued$/m);
+  t.match(replayed.stderr, new RegExp(`subscription ${sub.id}'s circuit is open on 1 relay\\(s\\): its deliveries go once a probe \\(next at \\d{4}-\\d\\d-\\d\\dT[0-9:]+Z\\) finds the receiver answering`),
+    `replay names the open circuit: ${replayed.stderr.trim()}`);
+  await db.query('DELETE FROM public.outbox_deliveries');
+
   const relay = await startRelay(t, db.url, OPEN_LONG);
   const workers = async () => (await db.query<{ worker_id: string }>('SELECT worker_id FROM public.outbox_circuit_states ORDER BY 1')).rows.map((r) => r.worker_id);
   await waitFor(async () => !(await workers()).includes('gone-long:1'), 10_000, 'the heartbeat at start to delete the row unseen for 10 minutes');

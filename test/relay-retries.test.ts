@@ -570,6 +570,16 @@ t.test('subscriptions add refuses invalid URLs and filters with exit 2 and a cle
   t.equal(okPrivate.code, 0, `with WEBHOOK_ALLOW_PRIVATE_TARGETS=true a loopback target is accepted ${okPrivate.stderr}`);
   const { rows } = await db.query<{ event_types: string[] }>('SELECT event_types FROM public.outbox_subscriptions');
   t.same(rows[0]?.event_types, ['vendors_*', 'projects_update'], 'and the filter stored as given');
+  t.match(okPrivate.stderr, /schema "tenant_x" does not exist in this database: the subscription receives events only once its tables are captured \("outbox-relay triggers install --schema tenant_x"\)/,
+    'a tenant that does not exist is accepted with a warning (a typo would otherwise go unnoticed)');
+  t.match(JSON.parse(okPrivate.stdout), { id: Number, secret: /^whsec_/ }, 'the warning goes to stderr: stdout stays one JSON document');
+  await createTenant(db, 'tenant_y');
+  const captured = await runCli(['subscriptions', 'add', '--tenant', 'tenant_y', '--user', '1', '--url', 'https://example.com/hook'], env);
+  t.equal(captured.code, 0, captured.stderr);
+  t.notMatch(captured.stderr, /does not exist|is captured/, 'no warning for a captured tenant');
+  await db.query('CREATE SCHEMA tenant_z');
+  const bare = await runCli(['subscriptions', 'add', '--tenant', 'tenant_z', '--user', '1', '--url', 'https://example.com/hook'], env);
+  t.match(bare.stderr, /nothing in schema "tenant_z" is captured/, 'a schema with nothing captured gets its own warning');
 });
 
 t.test('an event queued again after its fan-out is dropped from the queue: no stall, no resend, no change of its state', async (t) => {

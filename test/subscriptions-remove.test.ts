@@ -90,3 +90,20 @@ t.test('remove: refused while enabled; a 410-disabled subscription goes with its
   const later = await runRetention(pool, { days: 30, deadDays: 90, batchSize: 100, logger, now: new Date(Date.now() + 91 * 86_400_000) });
   t.equal(later.deadEvents, EVENTS, 'after RETENTION_DEAD_DAYS retention deletes the events whose receivers are gone');
 });
+
+t.test('disabling a disabled subscription again keeps its reason unless a new one is given', async (t) => {
+  const db = await freshDatabase(t);
+  const tenant = tenantName('dr');
+  await createTenant(db, tenant);
+  const sub = await subscribe(db, { tenant, userId: 1, url: 'https://example.com/hook' });
+  const env = { DATABASE_URL: db.url };
+  const reason = async () => (await db.query<{ r: string }>('SELECT disabled_reason AS r FROM public.outbox_subscriptions WHERE id = $1', [sub.id])).rows[0]?.r;
+  t.equal((await runCli(['subscriptions', 'disable', String(sub.id)], env)).code, 0);
+  t.equal(await reason(), 'disabled by an operator', 'the default reason');
+  // As a 410 Gone leaves it.
+  await db.query("UPDATE public.outbox_subscriptions SET disabled_reason = 'receiver answered 410 Gone' WHERE id = $1", [sub.id]);
+  t.equal((await runCli(['subscriptions', 'disable', String(sub.id)], env)).code, 0);
+  t.equal(await reason(), 'receiver answered 410 Gone', 'a second disable without --reason keeps the reason it had');
+  t.equal((await runCli(['subscriptions', 'disable', String(sub.id), '--reason', 'moved to a new URL'], env)).code, 0);
+  t.equal(await reason(), 'moved to a new URL', 'a new --reason replaces it');
+});

@@ -13,6 +13,8 @@ export interface DropRoleOptions {
   name: string;
   /** Also DROP ROLE (cluster-wide). */
   drop: boolean;
+  /** Go ahead although sessions are connected as the role (a running sidecar then fails its requests). */
+  force?: boolean;
 }
 
 export interface DropRoleResult {
@@ -28,6 +30,18 @@ export async function dropApiRole(client: pg.ClientBase, o: DropRoleOptions): Pr
   );
   const { db, migrated } = ctx[0] as { db: string; migrated: boolean };
   if (!migrated) throw new OutboxError('the pull API tables are not installed in this database; run "outbox-relay migrate" first', 'E_NOT_MIGRATED');
+
+  // A sidecar still connected as the role would answer every request with an error from now on.
+  const { rows: sessions } = await client.query<{ n: number; databases: string }>(
+    "SELECT count(*)::int AS n, string_agg(DISTINCT datname::text, ', ') AS databases FROM pg_catalog.pg_stat_activity WHERE usename = $1",
+    [o.name],
+  );
+  const connected = sessions[0]?.n ?? 0;
+  if (connected > 0 && !o.force) {
+    throw new UsageError(
+      `${connected} session(s) are connected as role "${o.name}" (database ${sessions[0]?.databases ?? '?'}): stop the sidecars that use it first, or pass --force; nothing changed`,
+    );
+  }
 
   await client.query('BEGIN');
   try {

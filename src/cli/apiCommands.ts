@@ -106,12 +106,13 @@ export function registerApiCommands(program: Command, ctx: () => CommandContext)
     )
     .requiredOption('--name <role>', 'role name')
     .option('--drop', 'also DROP ROLE (cluster-wide)')
+    .option('--force', 'even while sessions are connected as the role (their requests fail from then on)')
     .option('--json', 'print the result as JSON')
-    .action(async (opts: { name: string; drop?: boolean; json?: boolean }) => {
+    .action(async (opts: { name: string; drop?: boolean; force?: boolean; json?: boolean }) => {
       const c = ctx();
       const result = await c.withClient(async (client) => {
         await requireMigrated(client);
-        return dropApiRole(client, { name: opts.name, drop: Boolean(opts.drop) });
+        return dropApiRole(client, { name: opts.name, drop: Boolean(opts.drop), force: Boolean(opts.force) });
       });
       c.print(opts.json, result, () =>
         `role ${result.role} unregistered and its rights revoked in database ${result.database}${result.dropped ? '; role dropped' : ''}`,

@@ -29,7 +29,7 @@ export function registerOpsCommands(program: Command, ctx: () => CommandContext)
         parts.push('', 'AVERAGE PROCESSING TIME');
         parts.push(report.processingTime.length ? renderTable(['EVENT TYPE', 'AVG (s)'], report.processingTime.map((r) => [r.event_type, r.avg_processing_time_seconds.toFixed(3)])) : 'nothing processed yet');
         parts.push('', 'LAG');
-        parts.push(report.lag.length ? renderTable(['TENANT', 'UNPROCESSED', 'OLDEST'], report.lag.map((r) => [r.tenant, r.unprocessed, seconds(r.oldest_seconds)])) : 'no unprocessed events');
+        parts.push(report.lag.length ? renderTable(['TENANT', 'PENDING', 'OLDEST'], report.lag.map((r) => [r.tenant, r.unprocessed, seconds(r.oldest_seconds)])) : 'no pending events');
         if (report.stranded > 0) {
           parts.push(
             `${report.strandedAtLeast ? 'more than ' : ''}${report.stranded} unprocessed event(s) older than a minute have no fan-out queue entry (written into outbox_events directly):`,

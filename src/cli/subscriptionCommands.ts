@@ -1,6 +1,7 @@
 /** `subscriptions add|list|update|enable|disable|rotate-secret|reencrypt` and `replay`. */
 import type { Command } from 'commander';
 import { UsageError } from '../errors.js';
+import { OPEN_CIRCUITS } from '../maintenance/status.js';
 import { parseEventFilter } from '../relay/eventFilter.js';
 import {
   addSubscription,
@@ -28,6 +29,14 @@ function parseTime(name: string, value: string | undefined): Date | undefined {
   return d;
 }
 
+/** Whether a tenant's schema exists and anything in it is captured (a table's triggers, or the whole schema). */
+const TENANT_CAPTURED = `
+WITH n AS (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = $1)
+SELECT EXISTS (SELECT 1 FROM n) AS exists,
+       EXISTS (SELECT 1 FROM public.outbox_capture_schemas AS c WHERE c.schema_name = $1)
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t JOIN pg_catalog.pg_class AS r ON r.oid = t.tgrelid
+                  WHERE r.relnamespace IN (SELECT oid FROM n) AND t.tgfoid = 'public.outbox_capture()'::regprocedure) AS captured`;
+
 export function registerSubscriptionCommands(program: Command, ctx: () => CommandContext): void {
   const subs = program.command('subscriptions').description('webhook subscriptions: one per tenant and delivering user');
 
@@ -47,17 +56,27 @@ export function registerSubscriptionCommands(program: Command, ctx: () => Comman
     .action(async (opts: { tenant: string; user: string; url: string; processor: string; events?: string; secret?: string; ordering: string; maxInFlight?: string; timeoutMs?: string; json?: boolean }) => {
       const c = ctx();
       const cfg = c.config;
-      const result = await c.withClient(async (client) => {
+      const { result, captured } = await c.withClient(async (client) => {
         await requireMigrated(client);
-        return addSubscription(
+        const added = await addSubscription(
           client,
           { tenant: opts.tenant, userId: opts.user, url: opts.url, processor: opts.processor, events: opts.events, secret: opts.secret, ordering: opts.ordering, maxInFlight: opts.maxInFlight, timeoutMs: opts.timeoutMs },
           { production: cfg.env === 'production', allowHttp: cfg.webhook.allowHttp, allowPrivateTargets: cfg.webhook.allowPrivateTargets },
           { maxInFlight: cfg.webhook.maxInFlight, timeoutMs: cfg.webhook.timeoutMs },
           secretCipherFor(c),
         );
+        const { rows } = await client.query<{ exists: boolean; captured: boolean }>(TENANT_CAPTURED, [opts.tenant]);
+        return { result: added, captured: rows[0] ?? { exists: false, captured: false } };
       });
       c.print(opts.json, result, () => `subscription ${result.id} created\nsigning secret (shown once, give it to the receiver): ${result.secret}`);
+      // A typo in --tenant gives a subscription that never receives anything: say so (not an error:
+      // the schema may come later, or the application may write its events itself).
+      if (!captured.exists || !captured.captured) {
+        c.warn(
+          `${captured.exists ? `nothing in schema "${opts.tenant}" is captured` : `schema "${opts.tenant}" does not exist in this database`}: ` +
+            `the subscription receives events only once its tables are captured ("outbox-relay triggers install --schema ${opts.tenant}") or the application writes them with public.outbox_write_event`,
+        );
+      }
     });
 
   subs
@@ -127,14 +146,14 @@ export function registerSubscriptionCommands(program: Command, ctx: () => Comman
     .command('disable')
     .description('disable a subscription: it receives nothing; its pending deliveries end as dead (requeue them with "replay")')
     .argument('<id>', 'subscription id')
-    .option('--reason <text>', 'why (shown in list and in the dead deliveries)', 'disabled by an operator')
+    .option('--reason <text>', 'why (shown in list and in the dead deliveries; default "disabled by an operator", or the reason it was disabled for already)')
     .option('--json', 'print as JSON')
-    .action(async (id: string, opts: { reason: string; json?: boolean }) => {
+    .action(async (id: string, opts: { reason?: string; json?: boolean }) => {
       const c = ctx();
       const sid = parseSubscriptionId(id);
       const ended = await c.withClient(async (client) => {
         await requireMigrated(client);
-        return disableSubscription(client, sid, opts.reason.slice(0, 200));
+        return disableSubscription(client, sid, opts.reason?.slice(0, 200));
       });
       c.print(opts.json, { id: sid, enabled: false, deadDeliveries: ended }, () =>
         `subscription ${sid} disabled${ended ? `; ${ended} pending deliveries are now dead (requeue: outbox-relay replay --subscription ${sid}, after enabling it)` : ''}`,
@@ -211,7 +230,7 @@ export function registerSubscriptionCommands(program: Command, ctx: () => Comman
       const eventTypes = opts.eventType !== undefined ? parseEventFilter(opts.eventType) : undefined;
       const since = parseTime('--since', opts.since);
       const until = parseTime('--until', opts.until);
-      const { queued, disabled } = await c.withClient(async (client) => {
+      const { queued, disabled, open } = await c.withClient(async (client) => {
         await requireMigrated(client);
         const { rows } = await client.query<{ id: number }>('SELECT id::int FROM public.outbox_subscriptions WHERE id = ANY($1::bigint[]) AND NOT enabled ORDER BY id', [subscriptionIds]);
         const n = await replay(client, {
@@ -222,9 +241,15 @@ export function registerSubscriptionCommands(program: Command, ctx: () => Comman
           ...(since ? { since } : {}),
           ...(until ? { until } : {}),
         });
-        return { queued: n, disabled: rows.map((r) => r.id) };
+        const { rows: open } = await client.query<{ id: number; relays: number; probeAt: string | null }>(OPEN_CIRCUITS, [subscriptionIds, opts.tenant ?? null]);
+        return { queued: n, disabled: rows.map((r) => r.id), open };
       });
       c.print(opts.json, { queued }, () => `${queued} deliveries queued`);
       for (const id of disabled) c.warn(`subscription ${id} is disabled: its deliveries wait until "outbox-relay subscriptions enable ${id}"`);
+      if (queued > 0) {
+        for (const o of open) {
+          c.warn(`subscription ${o.id}'s circuit is open on ${o.relays} relay(s): its deliveries go once a probe${o.probeAt ? ` (next at ${o.probeAt})` : ''} finds the receiver answering`);
+        }
+      }
     });
 }

@@ -1,7 +1,7 @@
 /** Waits until the database is reachable and its schema matches this version (or migrates it). */
 import type pg from 'pg';
 import { withPoolClient } from '../db/connection.js';
-import { appliedVersions, loadMigrations, migrate } from '../db/migrate.js';
+import { appliedVersions, label, loadMigrations, migrate, missingMigrationsError } from '../db/migrate.js';
 import { OutboxError, isRetryableDbError, toOutboxError } from '../errors.js';
 import type { Logger } from '../log.js';
 
@@ -24,16 +24,10 @@ export async function ensureSchema(options: SchemaCheckOptions): Promise<void> {
       await withPoolClient(options.pool, async (client) => {
         if (options.migrate) {
           const res = await migrate(client, expected);
-          if (res.applied.length) options.logger.info({ applied: res.applied.map((m) => `${m.version}_${m.name}`) }, 'migrations applied');
+          if (res.applied.length) options.logger.info({ applied: res.applied.map(label) }, 'migrations applied');
         }
-        const applied = await appliedVersions(client);
-        const missing = expected.filter((m) => !applied.includes(m.version));
-        if (missing.length) {
-          throw new OutboxError(
-            `the database schema is missing migration${missing.length > 1 ? 's' : ''} ${missing.map((m) => `${m.version}_${m.name}`).join(', ')}; run "outbox-relay migrate" (or start with --migrate)`,
-            'E_NOT_MIGRATED',
-          );
-        }
+        const behind = missingMigrationsError(expected, await appliedVersions(client), 'run "outbox-relay migrate" (or start with --migrate)');
+        if (behind) throw behind;
       });
       return;
     } catch (err) {

@@ -30,7 +30,7 @@ export interface MigrationResult {
 const FILE_PATTERN = /^(\d{3,})_([a-z0-9_]+)\.sql$/;
 
 /** A migration as its file is named (001_outbox_core), so messages point at the file. */
-const label = (m: { version: number; name: string }): string => `${String(m.version).padStart(3, '0')}_${m.name}`;
+export const label = (m: { version: number; name: string }): string => `${String(m.version).padStart(3, '0')}_${m.name}`;
 
 /** The migrations shipped with this package, in order. */
 export function loadMigrations(dir: string = SQL_DIR): Migration[] {
@@ -121,4 +121,17 @@ export async function appliedVersions(client: pg.ClientBase): Promise<number[]> 
     throw err;
   });
   return rows.map((r) => r.version);
+}
+
+/**
+ * The error for a schema behind this version's migrations (none when it is current): the same
+ * words for `run` (src/daemon/schemaCheck.ts) and for every command (src/cli/requireSchema.ts).
+ */
+export function missingMigrationsError(expected: readonly Migration[], applied: readonly number[], hint = 'run "outbox-relay migrate"'): OutboxError | undefined {
+  const missing = expected.filter((m) => !applied.includes(m.version));
+  if (missing.length === 0) return undefined;
+  return new OutboxError(
+    `the database schema is missing migration${missing.length > 1 ? 's' : ''} ${missing.map(label).join(', ')} of this version; ${hint}`,
+    'E_NOT_MIGRATED',
+  );
 }

@@ -35,20 +35,42 @@ FROM outbox_events
 WHERE processed_at IS NOT NULL
 GROUP BY event_type`;
 
-/** Lag per tenant: the oldest unprocessed event (captured, not yet delivered everywhere). */
+/**
+ * Lag per tenant: the events still on their way (waiting for fan-out, or with a delivery that is not
+ * dead), and the age of the oldest, as the relay's outbox_relay_oldest_pending_age_seconds counts
+ * them. An event whose deliveries all died is not lag (EVENTS counts it as failed, `replay` sends it
+ * again): counted, the lag of a tenant with one dead delivery grew for ever while /metrics said 0.
+ * Stranded events are reported on their own (STRANDED).
+ */
 const LAG = `
-SELECT tenant::text AS tenant, count(*)::bigint AS unprocessed,
-       extract(epoch FROM now() - min(created_at))::float8 AS oldest_seconds
-FROM public.outbox_events
-WHERE processed_at IS NULL
-GROUP BY tenant
+SELECT e.tenant::text AS tenant, count(*)::bigint AS unprocessed,
+       extract(epoch FROM now() - min(e.created_at))::float8 AS oldest_seconds
+FROM public.outbox_events AS e
+WHERE e.processed_at IS NULL
+  AND (EXISTS (SELECT 1 FROM public.outbox_fanout_queue AS q WHERE q.event_id = e.id)
+       OR EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id AND d.state <> 'dead'))
+GROUP BY e.tenant
 ORDER BY oldest_seconds DESC`;
 
 /**
  * A circuit row counts while its relay vouches for it: relays rewrite their rows every 30 s
  * (CIRCUIT_HEARTBEAT_MS), so a row older than this is a relay's that is gone (sql/018).
  */
-const CIRCUIT_ROW_VISIBLE = '2 minutes';
+export const CIRCUIT_ROW_VISIBLE = '2 minutes';
+
+/**
+ * Open circuits (seen lately) of the given subscriptions, or of a tenant's: `replay` names them,
+ * since what it queued waits for the circuit's next probe.
+ */
+export const OPEN_CIRCUITS = `
+SELECT c.subscription_id::int AS id, count(*)::int AS relays,
+       to_char(min(c.probe_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS "probeAt"
+FROM public.outbox_circuit_states AS c
+JOIN public.outbox_subscriptions AS s ON s.id = c.subscription_id
+WHERE c.state = 'open' AND c.seen_at > now() - interval '${CIRCUIT_ROW_VISIBLE}'
+  AND (s.id = ANY ($1::bigint[]) OR s.tenant = $2)
+GROUP BY c.subscription_id
+ORDER BY 1`;
 
 /** Subscriptions that are disabled or have an open circuit on some replica. */
 const ATTENTION = `

@@ -50,10 +50,14 @@ export function parseKeyring(spec: string): Keyring {
   return { ids, keys };
 }
 
-/** A fresh keyring entry: `k<YYYYMMDD>:<base64 of 32 random bytes>`. */
+/**
+ * A fresh keyring entry: `k<YYYYMMDD><6 random hex digits>:<base64 of 32 random bytes>`. The random
+ * part keeps two keys made the same day (an emergency rotation) from sharing an id, which the
+ * keyring refuses.
+ */
 export function generateKeyEntry(now = new Date()): string {
   const day = now.toISOString().slice(0, 10).replace(/-/g, '');
-  return `k${day}:${randomBytes(32).toString('base64')}`;
+  return `k${day}${randomBytes(3).toString('hex')}:${randomBytes(32).toString('base64')}`;
 }
 
 function decryptWith(keyring: Keyring | undefined, stored: string): string {

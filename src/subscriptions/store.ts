@@ -5,7 +5,7 @@
  */
 import type pg from 'pg';
 import { assertIdentifier } from '../capture/identifiers.js';
-import { UsageError } from '../errors.js';
+import { ConfigError, UsageError } from '../errors.js';
 import { parseEventFilter } from '../relay/eventFilter.js';
 import { generateSigningSecret, secretKey } from '../webhook/secret.js';
 import { validateWebhookUrl, type UrlPolicy } from '../webhook/validateUrl.js';
@@ -99,6 +99,21 @@ const INSERT_SECRET = 'INSERT INTO public.outbox_subscription_secrets (subscript
  * Creates a subscription and returns its id and secret (the only time the secret is shown).
  * One subscription per (tenant, user): acknowledgments are unique per event and user.
  */
+/**
+ * Outside production a secret may be stored plain (no OUTBOX_ENCRYPTION_KEYS). Not beside encrypted
+ * ones, though: those were written with a key that this command was simply not given, and a plain
+ * secret among them is one the operator believes encrypted.
+ */
+async function refusePlainBesideEncrypted(client: pg.ClientBase, cipher: SecretCipher): Promise<void> {
+  if (cipher.encrypts) return;
+  const { rowCount } = await client.query("SELECT 1 FROM public.outbox_subscription_secrets WHERE starts_with(secret, 'enc:') LIMIT 1");
+  if (rowCount) {
+    throw new ConfigError(
+      'the signing secrets in this database are encrypted, but OUTBOX_ENCRYPTION_KEYS is not set: give this command the relays\' key list (a new secret would otherwise be stored in plain text beside them)',
+    );
+  }
+}
+
 export async function addSubscription(
   client: pg.ClientBase,
   input: NewSubscription,
@@ -120,6 +135,7 @@ export async function addSubscription(
   try {
     const { rows } = await client.query<{ id: string }>(INSERT_SUBSCRIPTION, [tenant, userId, processor, url, events, ordering, maxInFlight, timeoutMs]);
     const id = Number(rows[0]?.id);
+    await refusePlainBesideEncrypted(client, cipher);
     await client.query(INSERT_SECRET, [id, cipher.encrypt(secret), null]);
     await notifyChanged(client);
     await client.query('COMMIT');
@@ -210,10 +226,14 @@ export async function enableSubscription(client: pg.ClientBase, idInput: number 
 }
 
 /** Disables a subscription; its pending deliveries end as dead (replayable). Returns how many. */
-export async function disableSubscription(client: pg.ClientBase, idInput: number | string, reason = 'disabled by an operator'): Promise<number> {
+export async function disableSubscription(client: pg.ClientBase, idInput: number | string, reason?: string): Promise<number> {
   const id = parseSubscriptionId(idInput);
   await requireSubscription(client, id);
-  const { rows } = await client.query<{ n: number }>('SELECT public.outbox_disable_subscription($1, $2) AS n', [id, reason]);
+  // Disabled already (by a 410 Gone, say) and no new reason given: the reason it has stays.
+  const { rows } = await client.query<{ n: number }>(
+    `SELECT public.outbox_disable_subscription($1, coalesce($2, (SELECT s.disabled_reason FROM public.outbox_subscriptions AS s WHERE s.id = $1 AND NOT s.enabled), 'disabled by an operator')) AS n`,
+    [id, reason ?? null],
+  );
   await notifyChanged(client);
   return rows[0]?.n ?? 0;
 }
@@ -261,6 +281,7 @@ export async function rotateSecret(client: pg.ClientBase, idInput: number | stri
     );
     // Secrets that stopped signing long ago are of no further use.
     await client.query("DELETE FROM public.outbox_subscription_secrets WHERE subscription_id = $1 AND expires_at < now() - interval '7 days'", [id]);
+    await refusePlainBesideEncrypted(client, cipher);
     await client.query(INSERT_SECRET, [id, cipher.encrypt(secret), null]);
     await notifyChanged(client);
     await client.query('COMMIT');
