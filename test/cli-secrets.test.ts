@@ -269,3 +269,19 @@ t.test('validate-env outside production: exit 0 with a warning on stderr', async
   t.same(JSON.parse(json.stdout), { valid: true, env: 'development', problems: [] });
   t.match(json.stderr, /warning/);
 });
+
+t.test('validate-env and every command warn about variables that look like ours but are not', async (t) => {
+  const env = { RETRY_MAX_ATEMPTS: '3', WEBHOOK_ALLOW_PRIVATE_TARGET: 'true', RELAY_COMPLETELY_UNKNOWN_THING: '1', MY_APP_DB_HOST: 'x', DATABASE_URL: 'postgres://127.0.0.1:1/none' };
+  const res = await runCli(['validate-env'], env);
+  t.equal(res.code, 0, 'a warning, not an error');
+  const lines = res.stderr.split('\n').filter((l) => / is not a setting of outbox-relay/.test(l));
+  t.same(lines, [
+    'outbox-relay: warning: RELAY_COMPLETELY_UNKNOWN_THING is not a setting of outbox-relay and is ignored',
+    'outbox-relay: warning: RETRY_MAX_ATEMPTS is not a setting of outbox-relay and is ignored; did you mean RETRY_MAX_ATTEMPTS?',
+    'outbox-relay: warning: WEBHOOK_ALLOW_PRIVATE_TARGET is not a setting of outbox-relay and is ignored; did you mean WEBHOOK_ALLOW_PRIVATE_TARGETS?',
+  ], 'one line each, with the closest name when there is one; other software\'s variables are left alone');
+  const status = await runCli(['status'], env);
+  t.match(status.stderr, /RETRY_MAX_ATEMPTS is not a setting of outbox-relay and is ignored; did you mean RETRY_MAX_ATTEMPTS\?/, 'other commands warn too');
+  const clean = await runCli(['validate-env'], { RETRY_MAX_ATTEMPTS: '3', JWT_SECRET_FILE: '/dev/null/x' });
+  t.notMatch(clean.stderr, /is not a setting/, 'known names and NAME_FILE variants draw no warning');
+});

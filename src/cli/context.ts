@@ -3,6 +3,7 @@
  * one way to print results (text, or exactly one JSON document with --json).
  */
 import pg from 'pg';
+import { unknownEnvWarnings } from '../config/envTypos.js';
 import { loadConfig, type Env } from '../config/load.js';
 import type { Config } from '../config/schema.js';
 import { connectionOptions, describeTarget } from '../db/connection.js';
@@ -36,7 +37,10 @@ export class CommandContext {
 
   /** The configuration, loaded on first use (commands that need none never fail on it). */
   get config(): Config {
-    this.cached ??= loadConfig({ configFile: this.globals.config, env: this.io.env });
+    if (!this.cached) {
+      this.cached = loadConfig({ configFile: this.globals.config, env: this.io.env });
+      for (const w of unknownEnvWarnings(this.io.env)) this.warn(w);
+    }
     return this.cached;
   }
 

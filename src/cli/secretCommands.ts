@@ -2,6 +2,7 @@
 import { constants, openSync, renameSync, writeSync, closeSync, fsyncSync } from 'node:fs';
 import type { Command } from 'commander';
 import { ALL_SECRET_KEYS, ENCRYPTION_KEYS_ENV, generateSecrets, keyringWarnings, SECRET_SPECS, secretProblems } from '../config/secrets.js';
+import { unknownEnvWarnings } from '../config/envTypos.js';
 import { loadConfig } from '../config/load.js';
 import { ConfigError, OutboxError } from '../errors.js';
 import type { CommandContext } from './context.js';
@@ -67,6 +68,7 @@ export function registerSecretCommands(program: Command, ctx: () => CommandConte
       const c = ctx();
       let problems: string[] = [];
       let env = 'unknown';
+      for (const w of unknownEnvWarnings(c.io.env)) c.warn(w);
       try {
         const config = loadConfig({
           configFile: c.globals.config,
