@@ -92,14 +92,15 @@ t.test('circuit rows say when a relay last vouched for them: status hides old on
 
   const relay = await startRelay(t, db.url, OPEN_LONG);
   const workers = async () => (await db.query<{ worker_id: string }>('SELECT worker_id FROM public.outbox_circuit_states ORDER BY 1')).rows.map((r) => r.worker_id);
+  const own = relay.config.relay.workerId;
   await waitFor(async () => !(await workers()).includes('gone-long:1'), 10_000, 'the heartbeat at start to delete the row unseen for 10 minutes');
-  t.same(await workers(), ['alive:1', 'gone-lately:1'], 'rows seen more lately are left to expire');
+  t.same((await workers()).filter((w) => w !== own), ['alive:1', 'gone-lately:1'], 'rows seen more lately are left to expire');
 
   // This relay's own circuit opens; a row lost (deleted by hand, a failed write) is written again by
   // its next heartbeat, and one it does not vouch for any more goes.
   await writeAll(db, [`INSERT INTO ${tenant}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 3) g`]);
-  const own = relay.config.relay.workerId;
-  await waitFor(async () => (await workers()).includes(own), 15_000, 'its circuit to open and be recorded');
+  await waitFor(async () => (await count(db, "SELECT count(*)::int AS n FROM public.outbox_circuit_states WHERE worker_id = $1 AND state = 'open'", [own])) === 1,
+    15_000, 'its circuit to open and be recorded');
   t.same(await statusCircuits(), ['alive:1', own].sort(), 'status shows it beside the live row of the other relay');
   await db.query('DELETE FROM public.outbox_circuit_states WHERE worker_id = $1', [own]);
   await db.query("INSERT INTO public.outbox_circuit_states (subscription_id, worker_id, state) VALUES ($1 + 1000, $2, 'open')", [sub.id, own]);
@@ -107,4 +108,28 @@ t.test('circuit rows say when a relay last vouched for them: status hides old on
   const { rows: mine } = await db.query<{ subscription_id: string; state: string; fresh: boolean }>(
     "SELECT subscription_id::text, state, seen_at > now() - interval '5 seconds' AS fresh FROM public.outbox_circuit_states WHERE worker_id = $1", [own]);
   t.same(mine, [{ subscription_id: String(sub.id), state: 'open', fresh: true }], 'a heartbeat writes its open circuit again and drops the row it does not vouch for');
+});
+
+t.test('a relay that starts while another has a subscription\'s circuit open sends one probe first, not one attempt per due delivery', async (t) => {
+  const db = await freshDatabase(t);
+  const tenant = tenantName('cp');
+  await createTenant(db, tenant);
+  const down = await startReceiver(t, { respond: (_r, res) => answer(res, 503, 'down') });
+  const back = await startReceiver(t);
+  const dead = await subscribe(db, { tenant, userId: 1, url: down.url('/down') });
+  const healed = await subscribe(db, { tenant, userId: 2, url: back.url('/back') });
+  back.secrets.push(healed.secret);
+  // Another relay (another container) has both circuits open, and vouched for that just now.
+  for (const id of [dead.id, healed.id]) {
+    await db.query("INSERT INTO public.outbox_circuit_states (subscription_id, worker_id, state, probe_at) VALUES ($1, 'other-relay:1', 'open', now() + interval '1 minute')", [id]);
+  }
+  await writeAll(db, [`INSERT INTO ${tenant}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 6) g`]);
+  // A threshold of 10: a closed circuit would send all six to the dead receiver before opening.
+  const relay = await startRelay(t, db.url, { ...OPEN_LONG, CIRCUIT_FAILURE_THRESHOLD: '10', LOG_LEVEL: 'info' });
+  await waitFor(() => back.delivered.size === 6, 15_000, 'the healed receiver to get everything once its probe succeeded', () => ({ back: back.requests.length }));
+  await waitFor(() => down.requests.length >= 1, 5_000, 'the probe to the dead receiver');
+  await new Promise((r) => setTimeout(r, 1_000));
+  t.equal(down.requests.length, 1, 'the dead receiver got one probe, then the circuit opened (not six attempts)');
+  t.equal(relay.logs.lines.filter((l) => l.msg === 'circuit starts half-open: another relay has it open, so one probe goes first').length, 2, 'logged for each');
+  t.same(relay.relay.circuits().map((c) => [c.subscriptionId, c.state]).sort(), [[dead.id, 'open'], [healed.id, 'closed']].sort(), 'open for the dead one, closed for the healed one');
 });

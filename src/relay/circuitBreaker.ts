@@ -52,6 +52,15 @@ export class CircuitBreaker {
     if (this.state === 'half-open') this.probing = true;
   }
 
+  /**
+   * Starts half-open (one probe first) instead of closed: for a subscription whose circuit another
+   * relay has open, so that a relay that starts or restarts during an outage does not spend an
+   * attempt of every due delivery on a receiver already known to be down.
+   */
+  startWithProbe(): void {
+    if (this.stateValue === 'closed' && this.failures === 0) this.stateValue = 'half-open';
+  }
+
   /** Records an outcome; returns the new state if it changed. */
   record(success: boolean): CircuitState | undefined {
     const before = this.state;

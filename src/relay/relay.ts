@@ -51,6 +51,11 @@ WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL`;
 const PREPARED = { poll: 'outbox-relay-poll-bounded', nextDue: 'outbox-relay-next-due', setIdle: 'outbox-relay-set-idle' } as const;
 /** When the next ready delivery of these subscriptions falls due. */
 const NEXT_DUE = 'SELECT extract(epoch FROM public.outbox_next_due($1::bigint[])) * 1000 AS at';
+/** Which of these subscriptions another relay reports with an open circuit, seen in the last 2 minutes (sql/018). */
+const OPEN_ELSEWHERE = `
+SELECT DISTINCT c.subscription_id::int AS id FROM public.outbox_circuit_states AS c
+WHERE c.subscription_id = ANY ($1::bigint[]) AND c.worker_id <> $2 AND c.state = 'open'
+  AND c.seen_at > now() - interval '2 minutes'`;
 /** Gives back leases that were never used. */
 const RELEASE = 'SELECT public.outbox_release($1, $2::bigint[], $3::bigint[], $4::int[], $5::boolean[]) AS n';
 /** The settings capture triggers read: when to NOTIFY, and the attempt limit stamped on new events. */
@@ -605,6 +610,14 @@ export class Relay extends EventEmitter<RelayEvents> {
   private async refreshSubscriptions(): Promise<void> {
     this.refreshWanted = false;
     const { subscriptions, problems } = await loadActiveSubscriptions(this.pool, this.cipher);
+    // Subscriptions new to this relay whose circuit another relay has open (seen lately): theirs
+    // start with a probe (CircuitBreaker.startWithProbe).
+    const fresh = subscriptions.filter((x) => !this.subs.has(x.id)).map((x) => x.id);
+    const openElsewhere = new Set<number>();
+    if (fresh.length > 0) {
+      const { rows } = await this.pool.query<{ id: number }>(OPEN_ELSEWHERE, [fresh, this.config.relay.workerId]);
+      for (const r of rows) openElsewhere.add(r.id);
+    }
     // Logged when a subscription becomes unusable (or its problem changes) and when it is usable
     // again, not at every refresh; /metrics and /readyz show the current set.
     const nowSkipped = new Map(problems.map((p) => [p.subscriptionId, p.message]));
@@ -642,6 +655,10 @@ export class Relay extends EventEmitter<RelayEvents> {
           active: true,
           breaker: new CircuitBreaker({ threshold: w.circuitFailureThreshold, cooldownMs: w.circuitCooldownMs, maxCooldownMs: w.circuitMaxCooldownMs }),
         });
+        if (openElsewhere.has(sub.id)) {
+          this.subs.get(sub.id)?.breaker.startWithProbe();
+          this.log.info({ tenant: sub.tenant, subscription: sub.id }, 'circuit starts half-open: another relay has it open, so one probe goes first');
+        }
       }
     }
     for (const [id, st] of this.subs) {
