@@ -194,6 +194,10 @@ t.test('attacker input', async (t) => {
       t.equal(res.status, 415, `content type ${JSON.stringify(type)}`);
     }
     t.equal((await patch('{"status":"processed"}', eventId, { 'content-type': 'application/json; charset=utf-8' })).status, 200, 'charset utf-8 is fine');
+    // No body at all (every field is optional): the defaults, whatever the Content-Type says.
+    const bare = await fetch(`${api.base}/api/outbox/events/${eventId}/acknowledge`, { method: 'PATCH', headers: { authorization: `Bearer ${token}` } });
+    t.equal(bare.status, 200, 'a PATCH without a body and without Content-Type acknowledges');
+    t.match(await bare.json(), { acknowledgment: { status: 'processed', processor: 'flowgram.ai' } }, 'with the defaults');
     const overflow = await patch('{"metadata":{"n":1e1000000}}');
     t.equal(overflow.status, 400, 'a number numeric cannot hold');
     t.equal(overflow.json.error.code, 'invalid_body');

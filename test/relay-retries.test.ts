@@ -441,7 +441,8 @@ t.test('subscriptions update moves a subscription to a corrected URL: pending re
     [[String(sub.id), '--events', 'vendors-*'], /invalid event filter/],
     [[String(sub.id), '--max-in-flight', '0'], /max in-flight must be from 1 to 1000/],
     [[String(sub.id), '--timeout-ms', 'soon'], /timeout \(ms\) must be a whole number/],
-    [[String(sub.id), '--ordering', 'none'], /unknown option '--ordering'/],
+    [[String(sub.id), '--ordering', 'none'], /a subscription's ordering cannot be changed .*disable it, remove it and add it again/],
+    [[String(sub.id), '--tenant', 'tenant_b', '--user', '9'], /a subscription's tenant and user cannot be changed/],
     [['999999', '--url', recv.url('/hooks')], /subscription 999999 does not exist/],
     [['abc', '--url', recv.url('/hooks')], /subscription id must be a whole number/],
   ];

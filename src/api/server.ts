@@ -183,8 +183,13 @@ export class ApiServer {
     const id = parseEventId(route.idSegment);
     const unknown = [...url.searchParams.keys()][0];
     if (unknown !== undefined) throw new ApiError(400, 'unknown_parameter', `unknown query parameter ${quoteForMessage(unknown)}; this endpoint takes none`);
-    if (!isJsonContentType(req.headers['content-type'])) throw new ApiError(415, 'unsupported_media_type', 'Content-Type must be application/json');
-    const raw = await readBody(req, this.api.bodyLimitBytes);
+    // Every field of the body is optional: a request without a body and without a Content-Type
+    // (`curl -X PATCH …`) acknowledges with the defaults. A body must be JSON and say so; a JSON
+    // request with an empty body is still refused as not a JSON object.
+    const noBody = req.headers['content-type'] === undefined && req.headers['transfer-encoding'] === undefined
+      && (req.headers['content-length'] === undefined || req.headers['content-length'] === '0');
+    if (!noBody && !isJsonContentType(req.headers['content-type'])) throw new ApiError(415, 'unsupported_media_type', 'Content-Type must be application/json');
+    const raw = noBody ? '{}' : await readBody(req, this.api.bodyLimitBytes);
     const body = await acknowledgeEvent(this.ctx, principal, id, raw);
     if (!res.headersSent) sendJson(res, 200, body);
   }

@@ -1,5 +1,5 @@
 /** `subscriptions add|list|update|enable|disable|rotate-secret|reencrypt` and `replay`. */
-import type { Command } from 'commander';
+import { type Command, Option } from 'commander';
 import { UsageError } from '../errors.js';
 import { OPEN_CIRCUITS } from '../maintenance/status.js';
 import { parseEventFilter } from '../relay/eventFilter.js';
@@ -110,7 +110,17 @@ export function registerSubscriptionCommands(program: Command, ctx: () => Comman
     .option('--max-in-flight <n>', 'concurrent requests per relay replica')
     .option('--timeout-ms <ms>', 'request timeout')
     .option('--json', 'print the subscription as listed, after the change')
-    .action(async (id: string, opts: { url?: string; events?: string; processor?: string; maxInFlight?: string; timeoutMs?: string; json?: boolean }) => {
+    // Not changeable; named so that trying says why instead of "unknown option".
+    .addOption(new Option('--tenant <schema>').hideHelp())
+    .addOption(new Option('--user <id>').hideHelp())
+    .addOption(new Option('--ordering <mode>').hideHelp())
+    .action(async (id: string, opts: { url?: string; events?: string; processor?: string; maxInFlight?: string; timeoutMs?: string; json?: boolean; tenant?: string; user?: string; ordering?: string }) => {
+      const fixed = (['tenant', 'user', 'ordering'] as const).filter((k) => opts[k] !== undefined);
+      if (fixed.length > 0) {
+        throw new UsageError(
+          `a subscription's ${fixed.join(' and ')} cannot be changed (its identity and how its pending deliveries were queued): disable it, remove it and add it again (outbox-relay subscriptions disable ${id}; subscriptions remove ${id}; subscriptions add …)`,
+        );
+      }
       const c = ctx();
       const cfg = c.config;
       const sid = parseSubscriptionId(id);
