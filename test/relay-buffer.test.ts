@@ -63,3 +63,57 @@ t.test('a payload larger than the whole budget still goes, alone', async (t) => 
   await waitFor(() => recv.delivered.size === 3, 15_000, 'the three large rows delivered', () => ({ delivered: recv.delivered.size }));
   t.equal(recv.requests.length, 3, 'each once');
 });
+
+t.test('the budget is per subscription: a receiver holding large payloads does not stop another tenant', async (t) => {
+  const db = await freshDatabase(t);
+  const A = tenantName('bua');
+  const B = tenantName('bub');
+  await createTenant(db, A);
+  await createTenant(db, B);
+  let release: () => void = () => undefined;
+  const held = new Promise<void>((r) => (release = r));
+  const slow = await startReceiver(t, {
+    respond: async (_r, res) => {
+      await held;
+      answer(res, 200, 'ok');
+    },
+  });
+  t.teardown(() => release());
+  const fast = await startReceiver(t);
+  const subA = await subscribe(db, { tenant: A, userId: 1, url: slow.url(), timeoutMs: 20_000 });
+  const subB = await subscribe(db, { tenant: B, userId: 1, url: fast.url() });
+  slow.secrets.push(subA.secret);
+  fast.secrets.push(subB.secret);
+  await writeAll(db, [`INSERT INTO ${A}.vendors (id, name) SELECT g, repeat('x', ${ROW_CHARS}) FROM generate_series(1, ${ROWS}) g`]);
+  await startRelay(t, db.url, { RELAY_BUFFER_BYTES: String(1024 * 1024), RELAY_LEASE_MS: '45000' });
+  await waitFor(() => slow.pending >= 2, 10_000, 'tenant A\'s receiver to hold its requests', () => ({ pending: slow.pending }));
+  await writeAll(db, [`INSERT INTO ${B}.vendors (id, name) SELECT g, 'small' FROM generate_series(1, 50) g`]);
+  await waitFor(() => fast.delivered.size === 50, 10_000, 'tenant B\'s 50 small events, while A\'s receiver holds its large ones',
+    () => ({ fast: fast.delivered.size, slowPending: slow.pending }));
+  t.ok(slow.pending <= 3, `tenant A holds at most its share, half of 1 MiB, plus one (${slow.pending} requests)`);
+  release();
+  await waitFor(() => slow.delivered.size === ROWS, 20_000, 'tenant A\'s rows once its receiver answers', () => ({ slow: slow.delivered.size }));
+});
+
+t.test('RELAY_BUFFER_BYTES=0 turns the bound off', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('buo');
+  await createTenant(db, T);
+  let release: () => void = () => undefined;
+  const held = new Promise<void>((r) => (release = r));
+  const recv = await startReceiver(t, {
+    respond: async (_r, res) => {
+      await held;
+      answer(res, 200, 'ok');
+    },
+  });
+  t.teardown(() => release());
+  const sub = await subscribe(db, { tenant: T, userId: 1, url: recv.url(), maxInFlight: 32, timeoutMs: 20_000 });
+  recv.secrets.push(sub.secret);
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, repeat('x', ${ROW_CHARS}) FROM generate_series(1, ${ROWS}) g`]);
+  await startRelay(t, db.url, { RELAY_BUFFER_BYTES: '0', RELAY_LEASE_MS: '45000' });
+  await waitFor(() => recv.pending === ROWS, 10_000, 'every row in flight at once (only the slots limit it)', () => ({ pending: recv.pending }));
+  release();
+  await waitFor(() => recv.delivered.size === ROWS, 20_000, 'all delivered');
+  t.pass('no bound');
+});

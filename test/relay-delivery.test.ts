@@ -452,7 +452,7 @@ t.test('the poll statement commits asynchronously, for its own transaction only'
   // Start from 'on' whatever the server says (the embedded test server runs with it off).
   await client.query('SET synchronous_commit = on');
   await client.query('BEGIN');
-  const { rows } = await client.query(POLL_SQL, [10, [], [], [], 'test-worker', 1_000_000]);
+  const { rows } = await client.query(POLL_SQL, [10, [], [], [], 'test-worker']);
   t.equal(rows.length, 1, 'nothing to do: only the summary row comes back (the filter keeps it)');
   t.equal(await show(), 'off', 'off inside the poll\'s transaction');
   await client.query('COMMIT');
@@ -498,7 +498,7 @@ t.test('an event no subscription matches is marked processed even when another t
   const poller = new pg.Client({ connectionString: db.url });
   await poller.connect();
   t.teardown(() => poller.end());
-  const { rows } = await pollWhileEventUpdated(db, poller, id, () => poller.query(POLL_SQL, [100, [], [], [], 'race-worker', 1_000_000]));
+  const { rows } = await pollWhileEventUpdated(db, poller, id, () => poller.query(POLL_SQL, [100, [], [], [], 'race-worker']));
   t.equal(rows.at(-1)?.max_attempts, 1, 'the poll fanned out the event (its summary row counts them)');
   t.same(await processedAndDequeued(db, id), { processed: true, queued: false }, 'processed, and off the fan-out queue');
 });
@@ -526,7 +526,7 @@ async function plansStayBatchSized(t: Test, analysedEmpty: boolean): Promise<voi
   const U = tenantName('plansu');
   await createTenant(db, U); // no subscription: its events are unmatched
   const poll = (client: pg.Client, batch: number, cap: number): Promise<pg.QueryResult> =>
-    client.query(POLL_SQL, [batch, [sub.id], [cap], [60_000], 'plans-worker', 100_000_000]);
+    client.query(POLL_SQL, [batch, [sub.id], [cap], [60_000], 'plans-worker']);
   // An unmatched event that another transaction updates while the fan-out waits for its row.
   const unmatchedRace = async (client: pg.Client, row: number): Promise<string> => {
     await db.query(`INSERT INTO ${U}.vendors (id, name) VALUES ($1, 'unmatched')`, [row]);

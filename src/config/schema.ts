@@ -125,7 +125,7 @@ export const schema = {
       env: 'RELAY_CLAIM_BATCH_SIZE',
     },
     bufferBytes: {
-      doc: 'Most payload bytes a relay holds in deliveries it leased and has not finished sending (its prefetch queues and requests in flight); claims stop there. A single larger payload still goes, alone. Bounds memory with rows of megabytes.',
+      doc: 'Most payload bytes a relay holds in deliveries it leased and has not finished sending (its prefetch queues and requests in flight), shared equally among the active subscriptions; a subscription at its share claims nothing more until sends finish, and a single larger payload still goes, alone. Bounds memory with rows of megabytes. 0 turns the bound off.',
       format: 'nat',
       default: 33_554_432,
       env: 'RELAY_BUFFER_BYTES',
@@ -393,7 +393,7 @@ export const BOUNDS: Readonly<Record<string, { min?: number; max?: number }>> = 
   'database.poolMax': { min: 2 },
   'relay.fanoutBatchSize': { min: 1, max: 10_000 },
   'relay.claimBatchSize': { min: 1, max: 10_000 },
-  'relay.bufferBytes': { min: 65_536 },
+  'relay.bufferBytes': { min: 0 },
   'relay.pollIntervalMs': { min: 50 },
   'webhook.timeoutMs': { min: 100 },
   'webhook.maxInFlight': { min: 1, max: 1_000 },

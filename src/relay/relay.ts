@@ -39,7 +39,12 @@ export const WAKEUP_CHANNEL = 'outbox_wakeup';
  */
 export const POLL_SQL = `SELECT p.event_id, p.subscription_id, p.attempt, p.max_attempts, p.tenant, p.event_type,
        p.aggregate_id, p.aggregate_type, p.payload, p.created_at
-FROM public.outbox_poll_bounded($1, $2::bigint[], $3::int[], $4::int[], $5, $6::bigint) AS p
+FROM public.outbox_poll($1, $2::bigint[], $3::int[], $4::int[], $5) AS p
+WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL`;
+/** The same with a payload budget per subscription (sql/019, RELAY_BUFFER_BYTES > 0). */
+export const POLL_BOUNDED_SQL = `SELECT p.event_id, p.subscription_id, p.attempt, p.max_attempts, p.tenant, p.event_type,
+       p.aggregate_id, p.aggregate_type, p.payload, p.created_at
+FROM public.outbox_poll_bounded($1, $2::bigint[], $3::int[], $4::int[], $5, $6::bigint[]) AS p
 WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL`;
 /*
  * The statements run on every round are prepared once per connection (named): that saves their
@@ -48,7 +53,7 @@ WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL`;
  * not break a relay that is still running: PostgreSQL refuses to run a prepared statement whose result
  * type changed ("cached plan must not change result type").
  */
-const PREPARED = { poll: 'outbox-relay-poll-bounded', nextDue: 'outbox-relay-next-due', setIdle: 'outbox-relay-set-idle' } as const;
+const PREPARED = { poll: 'outbox-relay-poll', pollBounded: 'outbox-relay-poll-bounded', nextDue: 'outbox-relay-next-due', setIdle: 'outbox-relay-set-idle' } as const;
 /** When the next ready delivery of these subscriptions falls due. */
 const NEXT_DUE = 'SELECT extract(epoch FROM public.outbox_next_due($1::bigint[])) * 1000 AS at';
 /** Which of these subscriptions another relay reports with an open circuit, seen in the last 2 minutes (sql/018). */
@@ -106,6 +111,8 @@ interface SubState {
   recording: number;
   /** The last claim returned less than asked: nothing more is due until new work arrives. */
   drained: boolean;
+  /** Payload characters of this subscription's requests being sent now (its queue is counted from the queue). */
+  inflightPayload: number;
   breaker: CircuitBreaker;
   active: boolean;
 }
@@ -136,8 +143,6 @@ export class Relay extends EventEmitter<RelayEvents> {
   /** Enabled subscriptions left out because their secret cannot be used, with the problem. */
   private readonly skipped = new Map<number, string>();
   private readonly inflight = new Set<Promise<void>>();
-  /** Payload characters of the deliveries being sent now (those queued are counted from the queues). */
-  private inflightPayload = 0;
   /** Payload size of recent claims (a moving average; 0 until the first claim). */
   private payloadEstimate = 0;
   private readonly sendAbort = new AbortController();
@@ -349,22 +354,17 @@ export class Relay extends EventEmitter<RelayEvents> {
     let progress = false;
     const batch = this.config.relay.fanoutBatchSize;
     for (let round = 0; ; round++) {
-      // Payload bytes this relay may still take on (RELAY_BUFFER_BYTES less what it holds); with
-      // none left it claims nothing until sends finish (fan-out still runs).
-      const room = this.config.relay.bufferBytes - this.heldPayload();
-      // As many deliveries as the room holds at the payload size seen lately (and one more: a
-      // claim takes its first whatever its size), so that few leases come back over the budget.
-      const fit = this.payloadEstimate > 0 ? Math.floor(room / this.payloadEstimate) + 1 : Number.POSITIVE_INFINITY;
-      const { ids, caps } = room > 0 ? this.capacities(Math.min(this.config.relay.claimBatchSize, fit)) : { ids: [], caps: [] };
+      const { ids, caps, rooms } = this.capacities(this.config.relay.claimBatchSize);
       if (ids.length === 0 && !this.fanoutWanted) return progress;
       this.fanoutWanted = false;
       const t0 = performance.now();
       const leases = ids.map((id) => this.leaseFor(id));
-      const { rows } = await this.pool.query<ClaimedRow>({
-        name: PREPARED.poll,
-        text: POLL_SQL,
-        values: [batch, ids, caps, leases, this.config.relay.workerId, Math.max(room, 0)],
-      });
+      const worker = this.config.relay.workerId;
+      const { rows } = await this.pool.query<ClaimedRow>(
+        rooms
+          ? { name: PREPARED.pollBounded, text: POLL_BOUNDED_SQL, values: [batch, ids, caps, leases, worker, rooms] }
+          : { name: PREPARED.poll, text: POLL_SQL, values: [batch, ids, caps, leases, worker] },
+      );
       const ms = performance.now() - t0;
       const summary = rows.pop();
       const fanned = summary?.max_attempts ?? 0;
@@ -400,10 +400,10 @@ export class Relay extends EventEmitter<RelayEvents> {
     }
   }
 
-  /** Payload held now: in the prefetch queues and in requests being sent (characters, about bytes). */
-  private heldPayload(): number {
-    let n = this.inflightPayload;
-    for (const st of this.subs.values()) for (const row of st.queue) n += row.payload.length;
+  /** Payload a subscription holds now: its prefetch queue and its requests being sent (characters, about bytes). */
+  private heldPayload(st: SubState): number {
+    let n = st.inflightPayload;
+    for (const row of st.queue) n += row.payload.length;
     return n;
   }
 
@@ -413,10 +413,17 @@ export class Relay extends EventEmitter<RelayEvents> {
    * up to `limit` (the claim batch size, or fewer when payloads are large) starting at a rotating
    * subscription (fairness).
    */
-  private capacities(limit: number): { ids: number[]; caps: number[] } {
+  private capacities(limit: number): { ids: number[]; caps: number[]; rooms: number[] | undefined } {
     const states = [...this.subs.values()].filter((s) => s.active);
     const ids: number[] = [];
     const caps: number[] = [];
+    // RELAY_BUFFER_BYTES shared equally among the active subscriptions (sql/019): each may take on
+    // its share less what it holds, and asks for as many deliveries as that fits at the payload size
+    // seen lately (plus one: a claim always takes a subscription's first), so few come back. Per
+    // subscription, so that a receiver holding large payloads never takes another's room.
+    const buffer = this.config.relay.bufferBytes;
+    const rooms: number[] | undefined = buffer > 0 ? [] : undefined;
+    const share = buffer > 0 ? Math.floor(buffer / Math.max(1, states.length)) : 0;
     let budget = limit;
     const n = states.length;
     this.claimCursor = n ? (this.claimCursor + 1) % n : 0;
@@ -437,14 +444,21 @@ export class Relay extends EventEmitter<RelayEvents> {
           want = 0;
           break;
       }
+      let room = 0;
+      if (rooms) {
+        room = share - this.heldPayload(st);
+        if (room <= 0) want = 0;
+        else if (this.payloadEstimate > 0) want = Math.min(want, Math.floor(room / this.payloadEstimate) + 1);
+      }
       const cap = Math.min(want, budget);
       if (cap > 0) {
         ids.push(st.sub.id);
         caps.push(cap);
+        rooms?.push(room);
         budget -= cap;
       }
     }
-    return { ids, caps };
+    return { ids, caps, rooms };
   }
 
   /**
@@ -479,7 +493,7 @@ export class Relay extends EventEmitter<RelayEvents> {
 
   private dispatch(st: SubState, row: ClaimedRow): void {
     st.inflight++;
-    this.inflightPayload += row.payload.length;
+    st.inflightPayload += row.payload.length;
     st.breaker.onStart();
     const p = this.deliver(st, row).catch((err: unknown) => {
       this.log.error({ err: err instanceof Error ? err.message : String(err), eventId: row.event_id, subscription: st.sub.id }, 'unexpected error while delivering');
@@ -488,7 +502,7 @@ export class Relay extends EventEmitter<RelayEvents> {
     void p.finally(() => {
       this.inflight.delete(p);
       st.inflight--;
-      this.inflightPayload -= row.payload.length;
+      st.inflightPayload -= row.payload.length;
       this.startSends(st);
       // Refill the prefetch queue while the subscription has a backlog.
       if (!st.drained && st.queue.length < st.sub.maxInFlight) this.kick();
@@ -652,6 +666,7 @@ export class Relay extends EventEmitter<RelayEvents> {
           queue: [],
           recording: 0,
           drained: false,
+          inflightPayload: 0,
           active: true,
           breaker: new CircuitBreaker({ threshold: w.circuitFailureThreshold, cooldownMs: w.circuitCooldownMs, maxCooldownMs: w.circuitMaxCooldownMs }),
         });
