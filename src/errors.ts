@@ -120,7 +120,12 @@ export function toOutboxError(err: unknown): OutboxError {
     if (code === '3D000') return new DatabaseUnavailableError(`${err.message} (check DB_NAME or DATABASE_URL)`, err);
     if (code === '57P03') return new DatabaseUnavailableError(`PostgreSQL is not accepting connections yet: ${err.message}`, err);
     // Permission errors name the relation but not the way out.
-    const ours = code === '42501' ? 'this database role lacks a privilege: run this command as the database owner; the pull API sidecar runs as a role made by "outbox-relay api create-role" (run it again after reset-db)' : undefined;
+    const ours = code === '42501'
+      ? 'this database role lacks a privilege: run this command as the database owner; the pull API sidecar runs as a role made by "outbox-relay api create-role" (run it again after reset-db)'
+      // Undefined column, function, table: most often a schema older than this version.
+      : ['42703', '42883', '42P01'].includes(code)
+        ? 'the database schema may be older than this version of outbox-relay: run "outbox-relay migrate"'
+        : undefined;
     const extra = [err.detail, err.hint, ours].filter(Boolean).join(' ');
     return new OutboxError(code ? `PostgreSQL error ${code}: ${err.message}${extra ? ` (${extra})` : ''}` : err.message, code ? `E_PG_${code}` : 'E_INTERNAL', EXIT.failure, { cause: err });
   }

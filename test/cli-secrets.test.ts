@@ -282,6 +282,19 @@ t.test('validate-env and every command warn about variables that look like ours 
   ], 'one line each, with the closest name when there is one; other software\'s variables are left alone');
   const status = await runCli(['status'], env);
   t.match(status.stderr, /RETRY_MAX_ATEMPTS is not a setting of outbox-relay and is ignored; did you mean RETRY_MAX_ATTEMPTS\?/, 'other commands warn too');
-  const clean = await runCli(['validate-env'], { RETRY_MAX_ATTEMPTS: '3', JWT_SECRET_FILE: '/dev/null/x' });
-  t.notMatch(clean.stderr, /is not a setting/, 'known names and NAME_FILE variants draw no warning');
+  const clean = await runCli(['validate-env'], {
+    RETRY_MAX_ATTEMPTS: '3',
+    JWT_SECRET_FILE: '/dev/null/x',
+    OUTBOX_RELAY_DEBUG: '1',
+    // An application's env file, and what Kubernetes injects for Services named outbox-relay and db.
+    DB_SSLMODE: 'require',
+    JWT_EXPIRES_IN: '1h',
+    API_PORT: '8080',
+    OUTBOX_RELAY_SERVICE_HOST: '10.0.0.1',
+    OUTBOX_RELAY_PORT: 'tcp://10.0.0.1:9464',
+    DB_PORT_5432_TCP_ADDR: '10.0.0.2',
+  });
+  t.notMatch(clean.stderr, /is not a setting/, 'known names, NAME_FILE variants, other software\'s names under shared prefixes and service links draw no warning');
+  const shared = await runCli(['validate-env'], { DB_PASWORD: 'x' });
+  t.match(shared.stderr, /DB_PASWORD is not a setting of outbox-relay and is ignored; did you mean DB_PASSWORD\?/, 'under a shared prefix, a near miss of one of ours is reported');
 });

@@ -417,3 +417,12 @@ t.test('migrate on a current database needs no CREATE privilege (a relay role ma
   t.equal(res.code, 0, `exit 0 (${res.stderr})`);
   t.match(res.stdout, /is up to date/, 'says the database is up to date');
 });
+
+t.test('a command on a schema older than this version says to migrate instead of only quoting PostgreSQL', async (t) => {
+  const db = await freshDatabase(t);
+  // What a database one migration behind looks like to `status` (018 added the column).
+  await db.query('ALTER TABLE public.outbox_circuit_states DROP COLUMN seen_at');
+  const res = await runCli(['status'], { DATABASE_URL: db.url });
+  t.equal(res.code, 1);
+  t.match(res.stderr, /PostgreSQL error 42703: column c\.seen_at does not exist \(the database schema may be older than this version of outbox-relay: run "outbox-relay migrate"\)/, res.stderr.trim());
+});

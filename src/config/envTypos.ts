@@ -5,11 +5,20 @@
  */
 import { schemaEntries, sensitiveEnvNames } from './schema.js';
 
-/** Prefixes of this tool's variables; a name under one of them that we do not know is suspect. */
-const PREFIXES = ['DB_', 'RETRY_', 'WEBHOOK_', 'RELAY_', 'OUTBOX_', 'API_', 'CIRCUIT_', 'RETENTION_', 'METRICS_', 'JWT_', 'TENANT_', 'LOG_'];
-
-/** Variables read outside the schema. */
-const OTHER_KNOWN = ['CONFIG_FILE', 'DATABASE_URL', 'NODE_ENV', 'PORT', 'CREDENTIALS_DIRECTORY'];
+/** Prefixes only this tool uses: an unknown name under one of them is reported. */
+const OWN_PREFIXES = ['RETRY_', 'WEBHOOK_', 'RELAY_', 'OUTBOX_', 'CIRCUIT_', 'RETENTION_', 'METRICS_'];
+/**
+ * Prefixes other software shares (an application's env file: DB_SSLMODE, JWT_EXPIRES_IN): an unknown
+ * name under one of them is reported only when it is one edit from one of ours (DB_PASWORD).
+ */
+const SHARED_PREFIXES = ['DB_', 'API_', 'JWT_', 'TENANT_', 'LOG_'];
+/** Names nobody types: Kubernetes service links (OUTBOX_RELAY_SERVICE_HOST, DB_PORT_5432_TCP_ADDR, DB_PORT=tcp://…). */
+function isServiceLink(name: string, value: string): boolean {
+  return /_SERVICE_(HOST|PORT)(_|$)/.test(name) || /_PORT_\d+_(TCP|UDP|SCTP)/.test(name) || (/_PORT$/.test(name) && /^(tcp|udp|sctp):\/\//.test(value));
+}
+/** Variables read outside the schema, and the test harness's. */
+const OTHER_KNOWN = ['CONFIG_FILE', 'DATABASE_URL', 'NODE_ENV', 'PORT', 'CREDENTIALS_DIRECTORY', 'OUTBOX_RELAY_DEBUG'];
+const OTHER_PREFIXES = ['OUTBOX_TEST_'];
 
 function knownNames(): Set<string> {
   const names = new Set<string>(OTHER_KNOWN);
@@ -36,9 +45,12 @@ export function unknownEnvWarnings(env: Readonly<Record<string, string | undefin
   const known = knownNames();
   const out: string[] = [];
   for (const name of Object.keys(env).sort()) {
-    if (env[name] === undefined || known.has(name) || !PREFIXES.some((p) => name.startsWith(p))) continue;
+    const value = env[name];
+    if (value === undefined || known.has(name) || OTHER_PREFIXES.some((p) => name.startsWith(p)) || isServiceLink(name, value)) continue;
+    const own = OWN_PREFIXES.some((p) => name.startsWith(p));
+    if (!own && !SHARED_PREFIXES.some((p) => name.startsWith(p))) continue;
     let best: string | undefined;
-    let bestDistance = 4; // suggest only close names
+    let bestDistance = own ? 4 : 2; // suggest only close names; under a shared prefix, report only one edit away
     for (const k of known) {
       const d = distance(name, k);
       if (d < bestDistance) {
@@ -46,6 +58,7 @@ export function unknownEnvWarnings(env: Readonly<Record<string, string | undefin
         bestDistance = d;
       }
     }
+    if (!own && !best) continue;
     out.push(`${name} is not a setting of outbox-relay and is ignored${best ? `; did you mean ${best}?` : ''}`);
   }
   return out;
