@@ -130,6 +130,30 @@ t.test('a relay that starts while another has a subscription\'s circuit open sen
   await waitFor(() => down.requests.length >= 1, 5_000, 'the probe to the dead receiver');
   await new Promise((r) => setTimeout(r, 1_000));
   t.equal(down.requests.length, 1, 'the dead receiver got one probe, then the circuit opened (not six attempts)');
-  t.equal(relay.logs.lines.filter((l) => l.msg === 'circuit starts half-open: another relay has it open, so one probe goes first').length, 2, 'logged for each');
+  t.equal(relay.logs.lines.filter((l) => l.msg === 'circuit starts half-open: a relay had it open lately, so one probe goes first').length, 2, 'logged for each');
   t.same(relay.relay.circuits().map((c) => [c.subscriptionId, c.state]).sort(), [[dead.id, 'open'], [healed.id, 'closed']].sort(), 'open for the dead one, closed for the healed one');
+});
+
+t.test('a relay restarted during an outage starts the circuit its predecessor had open half-open', async (t) => {
+  const db = await freshDatabase(t);
+  const tenant = tenantName('cr');
+  await createTenant(db, tenant);
+  const down = await startReceiver(t, { respond: (_r, res) => answer(res, 503, 'down') });
+  const sub = await subscribe(db, { tenant, userId: 1, url: down.url('/down') });
+  const first = await startRelay(t, db.url, { ...OPEN_LONG, CIRCUIT_FAILURE_THRESHOLD: '2' });
+  await writeAll(db, [`INSERT INTO ${tenant}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 6) g`]);
+  await waitFor(() => first.relay.circuits().some((c) => c.subscriptionId === sub.id && c.state === 'open'), 10_000, 'the circuit to open');
+  await first.stop();
+  const statusCircuits = async () => {
+    const res = await runCli(['status', '--json'], { DATABASE_URL: db.url });
+    return (JSON.parse(res.stdout) as { attention: Array<{ id: number; circuits: unknown[] | null }> }).attention.find((a) => a.id === sub.id)?.circuits ?? null;
+  };
+  t.equal(await statusCircuits(), null, 'a graceful stop takes its circuits out of status');
+  const before = down.requests.length;
+  // A new process (a new worker id), as a rollout or a restart gives.
+  const second = await startRelay(t, db.url, { ...OPEN_LONG, CIRCUIT_FAILURE_THRESHOLD: '10', LOG_LEVEL: 'info' });
+  await waitFor(() => down.requests.length > before, 10_000, 'the probe');
+  await new Promise((r) => setTimeout(r, 1_000));
+  t.equal(down.requests.length - before, 1, 'one probe, not one attempt per due delivery (a closed circuit with threshold 10 would send all six)');
+  t.ok(second.logs.lines.some((l) => l.msg === 'circuit starts half-open: a relay had it open lately, so one probe goes first'), 'and says why');
 });

@@ -125,6 +125,8 @@ export class RelayDaemon {
     // Each step checks for a stop() that came meanwhile (a SIGTERM during start-up): nothing may be
     // started after it, or its timers would keep the process alive.
     if (this.abort.signal.aborted) return;
+    // Circuits open lately (a predecessor's too, before clear() removes them): those start half-open.
+    this.relay.expectOpenCircuits(await this.circuits.recentlyOpen());
     await this.circuits.clear();
     await this.relay.start();
     if (this.abort.signal.aborted) return;
@@ -145,7 +147,7 @@ export class RelayDaemon {
       await this.relay.stop().catch((err: unknown) => log.error({ err: String(err) }, 'relay stop failed'));
       await this.sampler.stop().catch(() => undefined);
       await this.circuits.stopHeartbeat();
-      await this.circuits.clear();
+      await this.circuits.retire();
       await this.pool.end().catch(() => undefined);
       await this.metricsServer?.stop().catch(() => undefined);
     })();

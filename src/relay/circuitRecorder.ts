@@ -40,6 +40,14 @@ SET state = excluded.state, probe_at = excluded.probe_at, seen_at = now(),
     changed_at = CASE WHEN s.state = excluded.state THEN s.changed_at ELSE now() END`;
 const REMOVE = 'DELETE FROM public.outbox_circuit_states WHERE subscription_id = $1 AND worker_id = $2';
 const REMOVE_ALL = 'DELETE FROM public.outbox_circuit_states WHERE worker_id = $1';
+/**
+ * At a graceful stop: this relay's rows drop out of `status` at once (seen_at older than its 2-minute
+ * window), but stay until they expire, so that a relay starting next can read them (RECENTLY_OPEN).
+ */
+const RETIRE = "UPDATE public.outbox_circuit_states SET seen_at = least(seen_at, now() - interval '2 minutes 1 second') WHERE worker_id = $1";
+/** Subscriptions some relay had an open circuit for lately, this one's predecessor included. */
+const RECENTLY_OPEN = `SELECT DISTINCT subscription_id::int AS id FROM public.outbox_circuit_states
+WHERE state = 'open' AND seen_at > now() - interval '10 minutes'`;
 const REMOVE_WORKERS = 'DELETE FROM public.outbox_circuit_states WHERE worker_id = ANY ($1::text[])';
 const LOCAL_WORKERS = "SELECT DISTINCT worker_id FROM public.outbox_circuit_states WHERE starts_with(worker_id, $1)";
 
@@ -121,7 +129,25 @@ export class CircuitRecorder {
   }
 
   /**
-   * Forgets this replica's rows (at start, after a crash, and at stop), and at start those of relays
+   * Subscriptions whose circuit some relay had open in the last 10 minutes, read at start before
+   * clear() (a restarted relay's own rows are among them): the relay starts those half-open.
+   */
+  async recentlyOpen(): Promise<number[]> {
+    try {
+      return (await this.pool.query<{ id: number }>(RECENTLY_OPEN)).rows.map((r) => r.id);
+    } catch (err) {
+      this.logger.debug({ err: (err as Error).message }, 'could not read circuit states');
+      return [];
+    }
+  }
+
+  /** At a graceful stop: this relay's rows leave `status` but stay for its successor (see RETIRE). */
+  retire(): Promise<void> {
+    return this.write(() => this.pool.query(RETIRE, [this.workerId]));
+  }
+
+  /**
+   * Forgets this replica's rows (at start, after a crash), and at start those of relays
    * on this host that are gone: a default worker id is `hostname:pid`, and a relay killed with -9
    * (or by the OOM killer) left its rows behind, shown by `status` as open circuits for ever.
    */

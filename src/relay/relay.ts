@@ -143,6 +143,8 @@ export class Relay extends EventEmitter<RelayEvents> {
   /** Enabled subscriptions left out because their secret cannot be used, with the problem. */
   private readonly skipped = new Map<number, string>();
   private readonly inflight = new Set<Promise<void>>();
+  /** Subscriptions some relay had open when this one started (read once, at the first refresh). */
+  private openAtStart = new Set<number>();
   /** Payload size of recent claims (a moving average; 0 until the first claim). */
   private payloadEstimate = 0;
   private readonly sendAbort = new AbortController();
@@ -226,6 +228,11 @@ export class Relay extends EventEmitter<RelayEvents> {
   /** Deliveries being sent right now. */
   get inFlight(): number {
     return this.inflight.size;
+  }
+
+  /** Before start(): subscriptions whose circuit was open lately (CircuitRecorder.recentlyOpen): they start half-open. */
+  expectOpenCircuits(ids: readonly number[]): void {
+    this.openAtStart = new Set(ids);
   }
 
   /**
@@ -627,7 +634,8 @@ export class Relay extends EventEmitter<RelayEvents> {
     // Subscriptions new to this relay whose circuit another relay has open (seen lately): theirs
     // start with a probe (CircuitBreaker.startWithProbe).
     const fresh = subscriptions.filter((x) => !this.subs.has(x.id)).map((x) => x.id);
-    const openElsewhere = new Set<number>();
+    const openElsewhere = new Set<number>(this.openAtStart);
+    this.openAtStart.clear();
     if (fresh.length > 0) {
       const { rows } = await this.pool.query<{ id: number }>(OPEN_ELSEWHERE, [fresh, this.config.relay.workerId]);
       for (const r of rows) openElsewhere.add(r.id);
@@ -672,7 +680,7 @@ export class Relay extends EventEmitter<RelayEvents> {
         });
         if (openElsewhere.has(sub.id)) {
           this.subs.get(sub.id)?.breaker.startWithProbe();
-          this.log.info({ tenant: sub.tenant, subscription: sub.id }, 'circuit starts half-open: another relay has it open, so one probe goes first');
+          this.log.info({ tenant: sub.tenant, subscription: sub.id }, 'circuit starts half-open: a relay had it open lately, so one probe goes first');
         }
       }
     }
