@@ -31,10 +31,12 @@ export async function dropApiRole(client: pg.ClientBase, o: DropRoleOptions): Pr
   const { db, migrated } = ctx[0] as { db: string; migrated: boolean };
   if (!migrated) throw new OutboxError('the pull API tables are not installed in this database; run "outbox-relay migrate" first', 'E_NOT_MIGRATED');
 
-  // A sidecar still connected as the role would answer every request with an error from now on.
+  // A sidecar still connected as the role would answer every request with an error from now on:
+  // one on this database (what unregistering takes away), or on any (what dropping the role does).
   const { rows: sessions } = await client.query<{ n: number; databases: string }>(
-    "SELECT count(*)::int AS n, string_agg(DISTINCT datname::text, ', ') AS databases FROM pg_catalog.pg_stat_activity WHERE usename = $1",
-    [o.name],
+    `SELECT count(*)::int AS n, string_agg(DISTINCT datname::text, ', ') AS databases FROM pg_catalog.pg_stat_activity
+     WHERE usename = $1 AND ($2 OR datname = current_database())`,
+    [o.name, o.drop],
   );
   const connected = sessions[0]?.n ?? 0;
   if (connected > 0 && !o.force) {

@@ -65,8 +65,9 @@ export function registerSubscriptionCommands(program: Command, ctx: () => Comman
           { maxInFlight: cfg.webhook.maxInFlight, timeoutMs: cfg.webhook.timeoutMs },
           secretCipherFor(c),
         );
-        const { rows } = await client.query<{ exists: boolean; captured: boolean }>(TENANT_CAPTURED, [opts.tenant]);
-        return { result: added, captured: rows[0] ?? { exists: false, captured: false } };
+        // After the commit: the secret is shown once, so this check may never lose it.
+        const { rows } = await client.query<{ exists: boolean; captured: boolean }>(TENANT_CAPTURED, [opts.tenant]).catch(() => ({ rows: [] }));
+        return { result: added, captured: rows[0] ?? { exists: true, captured: true } };
       });
       c.print(opts.json, result, () => `subscription ${result.id} created\nsigning secret (shown once, give it to the receiver): ${result.secret}`);
       // A typo in --tenant gives a subscription that never receives anything: say so (not an error:
