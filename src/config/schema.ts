@@ -393,7 +393,6 @@ export const BOUNDS: Readonly<Record<string, { min?: number; max?: number }>> = 
   'database.poolMax': { min: 2 },
   'relay.fanoutBatchSize': { min: 1, max: 10_000 },
   'relay.claimBatchSize': { min: 1, max: 10_000 },
-  'relay.bufferBytes': { min: 0 },
   'relay.pollIntervalMs': { min: 50 },
   'webhook.timeoutMs': { min: 100 },
   'webhook.maxInFlight': { min: 1, max: 1_000 },
