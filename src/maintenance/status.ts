@@ -3,6 +3,7 @@
  * plus the lag per tenant and the subscriptions that need attention.
  */
 import type pg from 'pg';
+import { CIRCUIT_ROW_VISIBLE } from '../relay/circuitRecorder.js';
 
 /** The seed's "Event processing statistics". */
 const EVENT_STATS = `
@@ -52,11 +53,6 @@ WHERE e.processed_at IS NULL
 GROUP BY e.tenant
 ORDER BY oldest_seconds DESC`;
 
-/**
- * A circuit row counts while its relay vouches for it: relays rewrite their rows every 30 s
- * (CIRCUIT_HEARTBEAT_MS), so a row older than this is a relay's that is gone (sql/018).
- */
-export const CIRCUIT_ROW_VISIBLE = '2 minutes';
 
 /**
  * Open circuits (seen lately) of the given subscriptions, or of a tenant's: `replay` names them,

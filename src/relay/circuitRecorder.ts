@@ -15,10 +15,15 @@ INSERT INTO public.outbox_circuit_states (subscription_id, worker_id, state, pro
 VALUES ($1, $2, $3, $4, now(), now())
 ON CONFLICT (subscription_id, worker_id) DO UPDATE SET state = excluded.state, probe_at = excluded.probe_at, changed_at = now(), seen_at = now()`;
 
-/** How often a relay rewrites its rows (seen_at); `status` hides rows older than CIRCUIT_ROW_VISIBLE (status.ts). */
+/** How often a relay rewrites its rows (seen_at). */
 export const CIRCUIT_HEARTBEAT_MS = 30_000;
-/** Rows no relay rewrote for this long are deleted by any relay's heartbeat. */
-const CIRCUIT_ROW_EXPIRY = '10 minutes';
+/**
+ * A row counts while its relay vouches for it: `status` shows, and starting relays heed, rows seen
+ * this lately (four heartbeats).
+ */
+export const CIRCUIT_ROW_VISIBLE = '2 minutes';
+/** Rows no relay rewrote for this long are deleted by any relay's heartbeat; until then a starting relay reads them. */
+export const CIRCUIT_ROW_EXPIRY = '10 minutes';
 
 /**
  * The heartbeat: this relay's rows become exactly its current non-closed circuits ($2..$4, seen
@@ -44,10 +49,11 @@ const REMOVE_ALL = 'DELETE FROM public.outbox_circuit_states WHERE worker_id = $
  * At a graceful stop: this relay's rows drop out of `status` at once (seen_at older than its 2-minute
  * window), but stay until they expire, so that a relay starting next can read them (RECENTLY_OPEN).
  */
-const RETIRE = "UPDATE public.outbox_circuit_states SET seen_at = least(seen_at, now() - interval '2 minutes 1 second') WHERE worker_id = $1";
+const RETIRE = `UPDATE public.outbox_circuit_states SET seen_at = least(seen_at, now() - interval '${CIRCUIT_ROW_VISIBLE}' - interval '1 second')
+WHERE worker_id = $1`;
 /** Subscriptions some relay had an open circuit for lately, this one's predecessor included. */
 const RECENTLY_OPEN = `SELECT DISTINCT subscription_id::int AS id FROM public.outbox_circuit_states
-WHERE state = 'open' AND seen_at > now() - interval '10 minutes'`;
+WHERE state = 'open' AND seen_at > now() - interval '${CIRCUIT_ROW_EXPIRY}'`;
 const REMOVE_WORKERS = 'DELETE FROM public.outbox_circuit_states WHERE worker_id = ANY ($1::text[])';
 const LOCAL_WORKERS = "SELECT DISTINCT worker_id FROM public.outbox_circuit_states WHERE starts_with(worker_id, $1)";
 

@@ -18,6 +18,7 @@ import { SUBSCRIPTIONS_CHANNEL } from '../subscriptions/store.js';
 import { WebhookSender, type SendResult } from '../webhook/sendWebhook.js';
 import { webhookId } from '../webhook/signPayload.js';
 import { CircuitBreaker, type CircuitState } from './circuitBreaker.js';
+import { CIRCUIT_ROW_VISIBLE } from './circuitRecorder.js';
 import { CompletionBuffer, type CompletionItem } from './completionBuffer.js';
 import { eventBody, type EventFields } from './eventBody.js';
 import { decideOutcome, type Outcome } from './outcome.js';
@@ -56,11 +57,11 @@ WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL`;
 const PREPARED = { poll: 'outbox-relay-poll', pollBounded: 'outbox-relay-poll-bounded', nextDue: 'outbox-relay-next-due', setIdle: 'outbox-relay-set-idle' } as const;
 /** When the next ready delivery of these subscriptions falls due. */
 const NEXT_DUE = 'SELECT extract(epoch FROM public.outbox_next_due($1::bigint[])) * 1000 AS at';
-/** Which of these subscriptions another relay reports with an open circuit, seen in the last 2 minutes (sql/018). */
+/** Which of these subscriptions another relay reports with an open circuit, seen lately (sql/018). */
 const OPEN_ELSEWHERE = `
 SELECT DISTINCT c.subscription_id::int AS id FROM public.outbox_circuit_states AS c
 WHERE c.subscription_id = ANY ($1::bigint[]) AND c.worker_id <> $2 AND c.state = 'open'
-  AND c.seen_at > now() - interval '2 minutes'`;
+  AND c.seen_at > now() - interval '${CIRCUIT_ROW_VISIBLE}'`;
 /** Gives back leases that were never used. */
 const RELEASE = 'SELECT public.outbox_release($1, $2::bigint[], $3::bigint[], $4::int[], $5::boolean[]) AS n';
 /** The settings capture triggers read: when to NOTIFY, and the attempt limit stamped on new events. */
@@ -361,7 +362,7 @@ export class Relay extends EventEmitter<RelayEvents> {
     let progress = false;
     const batch = this.config.relay.fanoutBatchSize;
     for (let round = 0; ; round++) {
-      const { ids, caps, rooms } = this.capacities(this.config.relay.claimBatchSize);
+      const { ids, caps, rooms } = this.capacities();
       if (ids.length === 0 && !this.fanoutWanted) return progress;
       this.fanoutWanted = false;
       const t0 = performance.now();
@@ -416,11 +417,10 @@ export class Relay extends EventEmitter<RelayEvents> {
 
   /**
    * Free capacity per subscription: up to twice its in-flight limit may be claimed (half of it
-   * queued, so a claim's round trip never leaves the receiver idle), as the circuit allows, shared out
-   * up to `limit` (the claim batch size, or fewer when payloads are large) starting at a rotating
-   * subscription (fairness).
+   * queued, so a claim's round trip never leaves the receiver idle), as the circuit and its payload
+   * room allow, shared out up to the claim batch size starting at a rotating subscription (fairness).
    */
-  private capacities(limit: number): { ids: number[]; caps: number[]; rooms: number[] | undefined } {
+  private capacities(): { ids: number[]; caps: number[]; rooms: number[] | undefined } {
     const states = [...this.subs.values()].filter((s) => s.active);
     const ids: number[] = [];
     const caps: number[] = [];
@@ -431,7 +431,7 @@ export class Relay extends EventEmitter<RelayEvents> {
     const buffer = this.config.relay.bufferBytes;
     const rooms: number[] | undefined = buffer > 0 ? [] : undefined;
     const share = buffer > 0 ? Math.floor(buffer / Math.max(1, states.length)) : 0;
-    let budget = limit;
+    let budget = this.config.relay.claimBatchSize;
     const n = states.length;
     this.claimCursor = n ? (this.claimCursor + 1) % n : 0;
     for (let i = 0; i < n && budget > 0; i++) {
@@ -631,8 +631,8 @@ export class Relay extends EventEmitter<RelayEvents> {
   private async refreshSubscriptions(): Promise<void> {
     this.refreshWanted = false;
     const { subscriptions, problems } = await loadActiveSubscriptions(this.pool, this.cipher);
-    // Subscriptions new to this relay whose circuit another relay has open (seen lately): theirs
-    // start with a probe (CircuitBreaker.startWithProbe).
+    // Subscriptions new to this relay whose circuit a relay has open (seen lately), or had open when
+    // this one started: theirs start with a probe (CircuitBreaker.startWithProbe).
     const fresh = subscriptions.filter((x) => !this.subs.has(x.id)).map((x) => x.id);
     const openElsewhere = new Set<number>(this.openAtStart);
     this.openAtStart.clear();
