@@ -72,6 +72,13 @@ export function createPool(db: DatabaseConfig, options: PoolOptions = {}): pg.Po
     ...(options.statementTimeoutMs ? { statement_timeout: options.statementTimeoutMs } : {}),
   });
   pool.on('error', (err) => options.onError?.(err));
+  // A backend's last message (PostgreSQL shutting down: 57P01) can reach a client that is checked
+  // out but has no statement running, where the pool's own listener is not attached: an 'error'
+  // event without a listener crashes the process. Every client of the pool keeps a listener of its
+  // own for that; the statement that would have run next fails instead, and the pool discards the
+  // client on release (it is no longer queryable). Seen once in CI: a relay exited while its
+  // database was being stopped.
+  pool.on('connect', (client) => client.on('error', () => undefined));
   return pool;
 }
 
