@@ -47,13 +47,17 @@ const REMOVE = 'DELETE FROM public.outbox_circuit_states WHERE subscription_id =
 const REMOVE_ALL = 'DELETE FROM public.outbox_circuit_states WHERE worker_id = $1';
 /**
  * At a graceful stop: this relay's rows drop out of `status` at once (seen_at older than its 2-minute
- * window), but stay until they expire, so that a relay starting next can read them (RECENTLY_OPEN).
+ * window), but stay until they expire, so that a relay starting next can read them (recentlyOpen).
  */
 const RETIRE = `UPDATE public.outbox_circuit_states SET seen_at = least(seen_at, now() - interval '${CIRCUIT_ROW_VISIBLE}' - interval '1 second')
 WHERE worker_id = $1`;
-/** Subscriptions some relay had an open circuit for lately, this one's predecessor included. */
-const RECENTLY_OPEN = `SELECT DISTINCT subscription_id::int AS id FROM public.outbox_circuit_states
-WHERE state = 'open' AND seen_at > now() - interval '${CIRCUIT_ROW_EXPIRY}'`;
+/**
+ * Subscriptions some relay had an open circuit for, seen within a window; optionally not counting one
+ * relay's rows, and only among some subscriptions (null: no such condition).
+ */
+const OPEN_SEEN_WITHIN = `SELECT DISTINCT subscription_id::int AS id FROM public.outbox_circuit_states
+WHERE state = 'open' AND seen_at > now() - $1::interval
+  AND ($2::text IS NULL OR worker_id <> $2) AND ($3::bigint[] IS NULL OR subscription_id = ANY ($3::bigint[]))`;
 const REMOVE_WORKERS = 'DELETE FROM public.outbox_circuit_states WHERE worker_id = ANY ($1::text[])';
 const LOCAL_WORKERS = "SELECT DISTINCT worker_id FROM public.outbox_circuit_states WHERE starts_with(worker_id, $1)";
 
@@ -66,6 +70,20 @@ function processAlive(pidText: string): boolean {
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
+}
+
+/**
+ * Subscriptions whose circuit a relay reports open, in rows seen within `within` (an interval):
+ * CIRCUIT_ROW_VISIBLE for what relays vouch for now, CIRCUIT_ROW_EXPIRY for what any relay had open
+ * lately, a stopped one included. `exceptWorker` leaves one relay's rows out; `among` limits the ids.
+ */
+export async function openCircuitIds(
+  db: pg.Pool | pg.PoolClient,
+  within: string,
+  opts: { exceptWorker?: string; among?: readonly number[] } = {},
+): Promise<number[]> {
+  const { rows } = await db.query<{ id: number }>(OPEN_SEEN_WITHIN, [within, opts.exceptWorker ?? null, opts.among ?? null]);
+  return rows.map((r) => r.id);
 }
 
 export class CircuitRecorder {
@@ -140,7 +158,7 @@ export class CircuitRecorder {
    */
   async recentlyOpen(): Promise<number[]> {
     try {
-      return (await this.pool.query<{ id: number }>(RECENTLY_OPEN)).rows.map((r) => r.id);
+      return await openCircuitIds(this.pool, CIRCUIT_ROW_EXPIRY);
     } catch (err) {
       this.logger.debug({ err: (err as Error).message }, 'could not read circuit states');
       return [];

@@ -18,7 +18,7 @@ import { SUBSCRIPTIONS_CHANNEL } from '../subscriptions/store.js';
 import { WebhookSender, type SendResult } from '../webhook/sendWebhook.js';
 import { webhookId } from '../webhook/signPayload.js';
 import { CircuitBreaker, type CircuitState } from './circuitBreaker.js';
-import { CIRCUIT_ROW_VISIBLE } from './circuitRecorder.js';
+import { CIRCUIT_ROW_VISIBLE, openCircuitIds } from './circuitRecorder.js';
 import { CompletionBuffer, type CompletionItem } from './completionBuffer.js';
 import { eventBody, type EventFields } from './eventBody.js';
 import { decideOutcome, type Outcome } from './outcome.js';
@@ -57,11 +57,6 @@ WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL`;
 const PREPARED = { poll: 'outbox-relay-poll', pollBounded: 'outbox-relay-poll-bounded', nextDue: 'outbox-relay-next-due', setIdle: 'outbox-relay-set-idle' } as const;
 /** When the next ready delivery of these subscriptions falls due. */
 const NEXT_DUE = 'SELECT extract(epoch FROM public.outbox_next_due($1::bigint[])) * 1000 AS at';
-/** Which of these subscriptions another relay reports with an open circuit, seen lately (sql/018). */
-const OPEN_ELSEWHERE = `
-SELECT DISTINCT c.subscription_id::int AS id FROM public.outbox_circuit_states AS c
-WHERE c.subscription_id = ANY ($1::bigint[]) AND c.worker_id <> $2 AND c.state = 'open'
-  AND c.seen_at > now() - interval '${CIRCUIT_ROW_VISIBLE}'`;
 /** Gives back leases that were never used. */
 const RELEASE = 'SELECT public.outbox_release($1, $2::bigint[], $3::bigint[], $4::int[], $5::boolean[]) AS n';
 /** The settings capture triggers read: when to NOTIFY, and the attempt limit stamped on new events. */
@@ -114,6 +109,8 @@ interface SubState {
   drained: boolean;
   /** Payload characters of this subscription's requests being sent now (its queue is counted from the queue). */
   inflightPayload: number;
+  /** Payload size of this subscription's recent claims (a moving average; 0 until its first claim). */
+  payloadEstimate: number;
   breaker: CircuitBreaker;
   active: boolean;
 }
@@ -146,8 +143,6 @@ export class Relay extends EventEmitter<RelayEvents> {
   private readonly inflight = new Set<Promise<void>>();
   /** Subscriptions some relay had open when this one started (read once, at the first refresh). */
   private openAtStart = new Set<number>();
-  /** Payload size of recent claims (a moving average; 0 until the first claim). */
-  private payloadEstimate = 0;
   private readonly sendAbort = new AbortController();
 
   private accepting = false;
@@ -378,18 +373,16 @@ export class Relay extends EventEmitter<RelayEvents> {
       const fanned = summary?.max_attempts ?? 0;
       // Leases the budget gave back at once (sql/019): those subscriptions have more waiting.
       const givenBack = summary?.attempt ?? 0;
-      if (rows.length > 0) {
-        const mean = rows.reduce((n, r) => n + r.payload.length, 0) / rows.length;
-        this.payloadEstimate = this.payloadEstimate > 0 ? 0.7 * this.payloadEstimate + 0.3 * mean : mean;
-      }
       this.emit('fanout', fanned, ms);
       this.emit('claim', rows.length, ms);
       if (fanned > 0 || rows.length > 0) progress = true;
       const got = new Map<number, number>();
+      const chars = new Map<number, number>();
       const unused: ClaimedRow[] = [];
       for (const row of rows) {
         const id = Number(row.subscription_id);
         got.set(id, (got.get(id) ?? 0) + 1);
+        chars.set(id, (chars.get(id) ?? 0) + row.payload.length);
         const st = this.subs.get(id);
         if (!st || !st.active || !this.accepting) unused.push(row);
         else st.queue.push(row);
@@ -397,7 +390,12 @@ export class Relay extends EventEmitter<RelayEvents> {
       ids.forEach((id, i) => {
         const st = this.subs.get(id);
         if (st) {
-          st.drained = givenBack === 0 && (got.get(id) ?? 0) < (caps[i] ?? 0);
+          const n = got.get(id) ?? 0;
+          st.drained = givenBack === 0 && n < (caps[i] ?? 0);
+          if (n > 0) {
+            const mean = (chars.get(id) ?? 0) / n;
+            st.payloadEstimate = st.payloadEstimate > 0 ? 0.7 * st.payloadEstimate + 0.3 * mean : mean;
+          }
           this.startSends(st);
         }
       });
@@ -426,8 +424,9 @@ export class Relay extends EventEmitter<RelayEvents> {
     const caps: number[] = [];
     // RELAY_BUFFER_BYTES shared equally among the active subscriptions (sql/019): each may take on
     // its share less what it holds, and asks for as many deliveries as that fits at the payload size
-    // seen lately (plus one: a claim always takes a subscription's first), so few come back. Per
-    // subscription, so that a receiver holding large payloads never takes another's room.
+    // of its own recent claims (plus one: a claim always takes a subscription's first), so few come
+    // back. Per subscription, so that a receiver holding large payloads never takes another's room,
+    // and one with small payloads is not sized by another's large ones.
     const buffer = this.config.relay.bufferBytes;
     const rooms: number[] | undefined = buffer > 0 ? [] : undefined;
     const share = buffer > 0 ? Math.floor(buffer / Math.max(1, states.length)) : 0;
@@ -455,7 +454,7 @@ export class Relay extends EventEmitter<RelayEvents> {
       if (rooms) {
         room = share - this.heldPayload(st);
         if (room <= 0) want = 0;
-        else if (this.payloadEstimate > 0) want = Math.min(want, Math.floor(room / this.payloadEstimate) + 1);
+        else if (st.payloadEstimate > 0) want = Math.min(want, Math.floor(room / st.payloadEstimate) + 1);
       }
       const cap = Math.min(want, budget);
       if (cap > 0) {
@@ -637,8 +636,8 @@ export class Relay extends EventEmitter<RelayEvents> {
     const openElsewhere = new Set<number>(this.openAtStart);
     this.openAtStart.clear();
     if (fresh.length > 0) {
-      const { rows } = await this.pool.query<{ id: number }>(OPEN_ELSEWHERE, [fresh, this.config.relay.workerId]);
-      for (const r of rows) openElsewhere.add(r.id);
+      const ids = await openCircuitIds(this.pool, CIRCUIT_ROW_VISIBLE, { exceptWorker: this.config.relay.workerId, among: fresh });
+      for (const id of ids) openElsewhere.add(id);
     }
     // Logged when a subscription becomes unusable (or its problem changes) and when it is usable
     // again, not at every refresh; /metrics and /readyz show the current set.
@@ -675,6 +674,7 @@ export class Relay extends EventEmitter<RelayEvents> {
           recording: 0,
           drained: false,
           inflightPayload: 0,
+          payloadEstimate: 0,
           active: true,
           breaker: new CircuitBreaker({ threshold: w.circuitFailureThreshold, cooldownMs: w.circuitCooldownMs, maxCooldownMs: w.circuitMaxCooldownMs }),
         });
