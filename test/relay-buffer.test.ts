@@ -6,7 +6,7 @@
  */
 import t from 'tap';
 import { freshDatabase } from './helpers/db.js';
-import { answer, startReceiver } from './helpers/receiver.js';
+import { startHoldingReceiver, startReceiver } from './helpers/receiver.js';
 import { count, createTenant, startRelay, subscribe, tenantName, waitFor, writeAll } from './helpers/relay.js';
 
 const ROW_CHARS = 300_000;
@@ -16,16 +16,8 @@ t.test('with RELAY_BUFFER_BYTES of 1 MiB and 300 KB rows, a relay holds four del
   const db = await freshDatabase(t);
   const T = tenantName('buf');
   await createTenant(db, T);
-  let release: () => void = () => undefined;
-  const held = new Promise<void>((r) => (release = r));
-  let maxPending = 0;
-  const recv = await startReceiver(t, {
-    respond: async (_r, res) => {
-      maxPending = Math.max(maxPending, recv.pending);
-      await held;
-      answer(res, 200, 'ok');
-    },
-  });
+  const holding = await startHoldingReceiver(t);
+  const { recv } = holding;
   const sub = await subscribe(db, { tenant: T, userId: 1, url: recv.url(), maxInFlight: 32, timeoutMs: 20_000 });
   recv.secrets.push(sub.secret);
   await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, repeat('x', ${ROW_CHARS}) FROM generate_series(1, ${ROWS}) g`]);
@@ -41,9 +33,9 @@ t.test('with RELAY_BUFFER_BYTES of 1 MiB and 300 KB rows, a relay holds four del
   t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.outbox_deliveries WHERE attempts = 0 AND locked_by IS NULL'), ROWS - 4,
     'the leases over the budget went back without an attempt counted');
 
-  release();
+  holding.release();
   await waitFor(() => recv.delivered.size === ROWS, 20_000, 'every row delivered', () => ({ delivered: recv.delivered.size, pending: recv.pending }));
-  t.ok(maxPending <= 4, `never more than four requests at once (saw ${maxPending})`);
+  t.ok(holding.maxPending <= 4, `never more than four requests at once (saw ${holding.maxPending})`);
   t.equal(recv.requests.length, ROWS, 'each once');
   t.ok(recv.requests.every((r) => r.verified && r.body.length > ROW_CHARS), 'signed, and whole');
   const { rows: acks } = await db.query<{ attempts: string }>("SELECT metadata->>'attempts' AS attempts FROM public.event_acknowledgments");
@@ -70,15 +62,7 @@ t.test('the budget is per subscription: a receiver holding large payloads does n
   const B = tenantName('bub');
   await createTenant(db, A);
   await createTenant(db, B);
-  let release: () => void = () => undefined;
-  const held = new Promise<void>((r) => (release = r));
-  const slow = await startReceiver(t, {
-    respond: async (_r, res) => {
-      await held;
-      answer(res, 200, 'ok');
-    },
-  });
-  t.teardown(() => release());
+  const { recv: slow, release } = await startHoldingReceiver(t);
   const fast = await startReceiver(t);
   const subA = await subscribe(db, { tenant: A, userId: 1, url: slow.url(), timeoutMs: 20_000 });
   const subB = await subscribe(db, { tenant: B, userId: 1, url: fast.url() });
@@ -99,15 +83,7 @@ t.test('RELAY_BUFFER_BYTES=0 turns the bound off', async (t) => {
   const db = await freshDatabase(t);
   const T = tenantName('buo');
   await createTenant(db, T);
-  let release: () => void = () => undefined;
-  const held = new Promise<void>((r) => (release = r));
-  const recv = await startReceiver(t, {
-    respond: async (_r, res) => {
-      await held;
-      answer(res, 200, 'ok');
-    },
-  });
-  t.teardown(() => release());
+  const { recv, release } = await startHoldingReceiver(t);
   const sub = await subscribe(db, { tenant: T, userId: 1, url: recv.url(), maxInFlight: 32, timeoutMs: 20_000 });
   recv.secrets.push(sub.secret);
   await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, repeat('x', ${ROW_CHARS}) FROM generate_series(1, ${ROWS}) g`]);

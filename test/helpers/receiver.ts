@@ -179,3 +179,27 @@ export async function startReceiver(t: TestContext, options: { secrets?: string[
   t.teardown(() => receiver.close().catch(() => undefined));
   return receiver;
 }
+
+/** A receiver that holds every request until the test releases it (or the test ends). */
+export interface HoldingReceiver {
+  recv: Receiver;
+  /** Answers every held request, and every later one at once, with 200. */
+  release: () => void;
+  /** The most requests it held at once. */
+  readonly maxPending: number;
+}
+
+export async function startHoldingReceiver(t: TestContext): Promise<HoldingReceiver> {
+  let release: () => void = () => undefined;
+  const held = new Promise<void>((r) => (release = r));
+  let maxPending = 0;
+  const recv = await startReceiver(t, {
+    respond: async (_r, res) => {
+      maxPending = Math.max(maxPending, recv.pending);
+      await held;
+      answer(res, 200, 'ok');
+    },
+  });
+  t.teardown(() => release());
+  return { recv, release: () => release(), get maxPending() { return maxPending; } };
+}
