@@ -133,6 +133,7 @@ t.test('errors clients may see', async (t) => {
   t.same(pick(toApiError({ code: '57014', message: 'canceling statement' })), [503, 'timeout']);
   t.same(pick(toApiError({ code: '40P01', message: 'deadlock' })), [503, 'unavailable']);
   t.same(pick(toApiError({ code: '08006', message: 'connection failure' })), [503, 'unavailable']);
+  t.same(pick(toApiError({ code: '28000', message: 'role "api" does not exist' })), [503, 'unavailable'], 'a refused login is the database unavailable, not a bug');
   t.same(pick(toApiError({ code: 'ECONNREFUSED', message: 'connect ECONNREFUSED' })), [503, 'unavailable']);
   t.same(pick(toApiError(new Error('timeout exceeded when trying to connect'))), [503, 'unavailable']);
   t.same(pick(toApiError({ code: '42P01', message: 'relation does not exist' })), [500, 'internal']);

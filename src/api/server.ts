@@ -41,7 +41,12 @@ interface RequestState {
 
 /** SQLSTATEs of values PostgreSQL refused to store: the client's input, so a 400. */
 const BAD_VALUE_SQLSTATES = new Set(['22P02', '22P05', '22003', '22021', '2202E', '22023', '22001', '54000', '54001']);
-const RETRY_SQLSTATES = new Set(['40001', '40P01', '55P03', '53300', '57P01', '57P02', '57P03']);
+/**
+ * SQLSTATEs after which the same request may succeed later: serialization and deadlock, lock and
+ * connection limits, a server shutting down or starting, and a login or database refused (the
+ * sidecar's role dropped or its password changed under it: the log names which).
+ */
+const RETRY_SQLSTATES = new Set(['40001', '40P01', '55P03', '53300', '57P01', '57P02', '57P03', '28000', '28P01', '3D000']);
 
 /** Maps anything thrown by an endpoint to what the client may see. */
 export function toApiError(err: unknown): ApiError {
