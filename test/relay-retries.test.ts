@@ -317,7 +317,10 @@ t.test('slow, resetting, huge and redirecting receivers: handled, nothing lost, 
   const relay = await startRelay(t, db.url, { ...NO_CIRCUIT, RETRY_MAX_ATTEMPTS: '3' });
   await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 3) g`]);
   const ids = await eventIds(db, T);
-  const settled = async () => (await count(db, "SELECT count(*)::int AS n FROM public.outbox_deliveries WHERE state <> 'dead'")) === 0;
+  // Fanned out (nothing left in the fan-out queue) and every delivery finished: before the fan-out
+  // there are no deliveries at all, which must not count as finished.
+  const settled = async () => (await count(db,
+    "SELECT (SELECT count(*) FROM public.outbox_fanout_queue) + (SELECT count(*) FROM public.outbox_deliveries WHERE state <> 'dead') AS n")) === 0;
   await waitFor(settled, 30_000, 'every delivery to finish', () => ({ requests: recv.requests.length, delivered: recv.delivered.size }));
 
   // What the relay recorded as delivered (a 200 whose huge body the relay cut short never "finishes" at the receiver).
