@@ -217,7 +217,7 @@ t.test('a live daemon: /metrics passes promtool, carries the relay series with b
     'and its circuits leave status when it stops (the rows stay a while for the relay that starts next)');
 });
 
-t.test('/readyz follows the database: 503 while its PostgreSQL is stopped, 200 when it is back; the daemon never exits', async (t) => {
+t.test('/readyz follows the database: 503 while its PostgreSQL is stopped, 200 when it is back; the daemon never exits (a standby relay too)', async (t) => {
   // A private server: the shared one is never stopped.
   const server = await startEmbeddedPostgres({ fast: true });
   t.teardown(() => server.destroy().catch(() => undefined));
@@ -226,9 +226,20 @@ t.test('/readyz follows the database: 503 while its PostgreSQL is stopped, 200 w
   const relay = spawnRelay(t, db.url, env);
   let exitedEarly: unknown;
   void relay.exited.then((e) => (exitedEarly = e));
+  // A standby replica beside it: it listens for nothing, so its listen_up must not read as an outage
+  // (OutboxRelayListenDown), and its database_up must follow the database, though it runs no pump.
+  const sb = await metricsEnv({ ENABLE_OUTBOX_PROCESSING: 'false', RELAY_POLL_INTERVAL_MS: '500' });
+  const standby = spawnRelay(t, db.url, sb.env);
+  const ups = async (b: string) => {
+    const m = parseMetrics((await get(b, '/metrics')).text);
+    return { listen: find(m, 'outbox_relay_listen_up')[0]?.value, database: find(m, 'outbox_relay_database_up')[0]?.value };
+  };
   await waitForPort(relay, base);
+  await waitForPort(standby, sb.base);
   await waitFor(async () => (await status(base, '/readyz')) === 200, 30_000, '/readyz 200 with the database up', relay.diag);
   t.pass('/readyz 200 while the database is up');
+  await waitFor(async () => (await status(sb.base, '/readyz')) === 200, 30_000, 'the standby relay\'s /readyz 200', standby.diag);
+  t.same(await ups(sb.base), { listen: 1, database: 1 }, 'standby: listen_up 1 (it listens for nothing) and database_up 1');
 
   await server.stop();
   const seen: number[] = [];
@@ -250,6 +261,9 @@ t.test('/readyz follows the database: 503 while its PostgreSQL is stopped, 200 w
     return find(metrics, 'outbox_relay_listen_up')[0]?.value === 0 && find(metrics, 'outbox_relay_database_up')[0]?.value === 0;
   }, 30_000, 'listen_up and database_up to drop to 0', () => metrics.filter((m) => /_up$/.test(m.name)));
   t.pass('/metrics still answers, with listen_up 0 and database_up 0');
+  await waitFor(async () => (await ups(sb.base)).database === 0, 30_000, 'the standby relay\'s database_up to drop to 0', async () => ups(sb.base));
+  t.equal(await status(sb.base, '/readyz'), 503, 'standby: /readyz 503 as well');
+  t.equal((await ups(sb.base)).listen, 1, 'standby: listen_up stays 1');
   t.ok(relay.running, 'the daemon is still running with its database down');
 
   await server.start();
@@ -260,6 +274,8 @@ t.test('/readyz follows the database: 503 while its PostgreSQL is stopped, 200 w
     return find(metrics, 'outbox_relay_listen_up')[0]?.value === 1;
   }, 30_000, 'listen_up back to 1');
   t.pass('listen_up 1 again');
+  await waitFor(async () => (await ups(sb.base)).database === 1, 30_000, 'the standby relay\'s database_up back to 1', async () => ups(sb.base));
+  t.ok(standby.running, 'the standby relay never exited either');
   t.ok(relay.running, 'the daemon never exited');
   t.equal(exitedEarly, undefined, 'no exit was observed at any point');
   relay.kill('SIGTERM');

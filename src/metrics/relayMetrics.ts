@@ -95,7 +95,7 @@ export class RelayMetrics {
     });
     this.listenUp = new Gauge({
       name: 'outbox_relay_listen_up',
-      help: '1 while the LISTEN connection is up (1 when poll-only).',
+      help: '1 while the LISTEN connection is up (1 when it listens for nothing: poll-only or standby).',
       registers: [r],
       collect() {
         if (metrics.relay) this.set(metrics.relay.listening ? 1 : 0);

@@ -179,7 +179,8 @@ export class Relay extends EventEmitter<RelayEvents> {
       retryAfterMaxMs: this.config.retry.retryAfterMaxMs,
       userAgent: options.userAgent,
     });
-    const listen = options.listen ?? this.config.relay.notifyMode !== 'off';
+    // A standby relay claims nothing, so it has nothing to be woken for.
+    const listen = options.listen ?? (this.config.relay.notifyMode !== 'off' && this.config.relay.enabled);
     if (listen) {
       this.listener = new WakeupListener({
         connection: connectionOptions(this.config.database, `${this.config.database.applicationName}-listen`),
@@ -211,7 +212,7 @@ export class Relay extends EventEmitter<RelayEvents> {
     });
   }
 
-  /** Whether the LISTEN connection is up (always true when not listening). */
+  /** Whether the LISTEN connection is up (always true when not listening, as in standby). */
   get listening(): boolean {
     return this.listener ? this.listener.up : true;
   }
@@ -260,6 +261,8 @@ export class Relay extends EventEmitter<RelayEvents> {
     if (!this.config.relay.enabled) {
       this.log.info('standby: ENABLE_OUTBOX_PROCESSING=false, connected but claiming nothing');
       await this.checkDatabase();
+      // No pump runs in standby: this keeps databaseHealthy (outbox_relay_database_up) current.
+      this.pollTimer = setInterval(() => void this.checkDatabase(), this.config.relay.pollIntervalMs);
       return;
     }
     this.accepting = true;
@@ -296,6 +299,8 @@ export class Relay extends EventEmitter<RelayEvents> {
   private async checkDatabase(): Promise<void> {
     try {
       await this.pool.query('SELECT 1');
+      if (this.dbFailures > 0) this.log.info('database reachable again');
+      this.dbFailures = 0;
       this.healthy = true;
     } catch (err) {
       this.onDbError(err, 'connecting');
