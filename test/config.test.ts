@@ -121,15 +121,30 @@ t.test('DATABASE_URL overrides the DB_* parts', async (t) => {
   t.match(fromParts, { host: 'parts-host', port: 7777, database: 'parts_db', user: 'parts_user', password: SECRET_B });
   t.notOk('connectionString' in fromParts);
 
-  const url = 'postgres://url_user@url-host:6543/url_db';
+  const url = 'postgres://url_user:url_pw@url-host:6543/url_db';
   const c = loadConfig({ env: { ...parts, DATABASE_URL: url } });
   t.equal(c.database.url, url);
   const fromUrl = connectionOptions(c.database);
-  t.equal(fromUrl.connectionString, url);
+  t.equal(fromUrl.connectionString, url, 'a URL with a password of its own is used as it is');
   for (const k of ['host', 'port', 'database', 'user', 'password'] as const) {
     t.equal(fromUrl[k], undefined, `${k} from DB_* is not passed beside the URL`);
   }
   t.equal(loadConfig({ env: { DATABASE_URL: 'postgresql://h/db' } }).database.url, 'postgresql://h/db', 'postgresql:// is accepted too');
+});
+
+t.test('DB_PASSWORD fills in a DATABASE_URL without a password (the URL in an env file, the password a credential)', async (t) => {
+  // What node-postgres makes of the options: its own parser, as pg.Client uses it.
+  const ConnectionParameters = createRequire(import.meta.url)('pg/lib/connection-parameters') as new (c: object) => { user: string; password: unknown; host: string; database: string };
+  const read = (env: Env) => new ConnectionParameters(connectionOptions(loadConfig({ env }).database));
+  const odd = 'p@ss:w/rd%41 ü#?&=';
+  const filled = read({ DATABASE_URL: 'postgres://app@db.example:6543/app?sslmode=disable', DB_PASSWORD: odd });
+  t.match(filled, { user: 'app', host: 'db.example', database: 'app' });
+  t.equal(filled.password, odd, 'the password arrives exactly, whatever characters it holds');
+  t.equal(read({ DATABASE_URL: 'postgres://app:own@db.example/app', DB_PASSWORD: odd }).password, 'own', "the URL's own password wins");
+  t.equal(connectionOptions(loadConfig({ env: { DATABASE_URL: 'postgres://app@db.example/app' } }).database).connectionString,
+    'postgres://app@db.example/app', 'no DB_PASSWORD: the URL unchanged');
+  t.equal(connectionOptions(loadConfig({ env: { DATABASE_URL: 'postgres:///app?host=/var/run/postgresql', DB_PASSWORD: 'x' } }).database).connectionString,
+    'postgres:///app?host=/var/run/postgresql', 'a socket URL (no host) is kept as it is');
 });
 
 t.test('a secret from NAME_FILE; one trailing newline stripped', async (t) => {

@@ -7,7 +7,10 @@ import type { Config } from '../config/schema.js';
 
 export type DatabaseConfig = Config['database'];
 
-/** Connection options for node-postgres from our config (`DATABASE_URL` wins over `DB_*`). */
+/**
+ * Connection options for node-postgres from our config (`DATABASE_URL` wins over `DB_*`, except that
+ * `DB_PASSWORD` fills in a URL that carries no password: see withPassword).
+ */
 export function connectionOptions(db: DatabaseConfig, applicationName = db.applicationName): pg.ClientConfig {
   const ssl = db.ssl === 'disable' ? undefined : db.ssl === 'require' ? { rejectUnauthorized: false } : { rejectUnauthorized: true };
   const common: pg.ClientConfig = {
@@ -17,8 +20,27 @@ export function connectionOptions(db: DatabaseConfig, applicationName = db.appli
     keepAliveInitialDelayMillis: 10_000,
   };
   if (ssl) common.ssl = ssl;
-  if (db.url) return { ...common, connectionString: withLibpqSslModes(db.url) };
+  if (db.url) return { ...common, connectionString: withLibpqSslModes(withPassword(db.url, db.password)) };
   return { ...common, host: db.host, port: db.port, database: db.name, user: db.user, password: db.password };
+}
+
+/**
+ * DB_PASSWORD for a DATABASE_URL without a password, as libpq takes PGPASSWORD: the URL can sit in an
+ * environment file while the password comes from a secret file or a systemd credential. A URL with a
+ * password of its own, without a host (a socket path in its query) or that is not a URL is kept as
+ * it is. The password is percent-encoded whole, so node-postgres decodes exactly it.
+ */
+export function withPassword(url: string, password: string): string {
+  if (!password) return url;
+  let u: URL;
+  try {
+    u = new URL(url);
+  } catch {
+    return url;
+  }
+  if (u.password || !u.host || u.hash) return url;
+  u.password = encodeURIComponent(password);
+  return u.href;
 }
 
 /**
