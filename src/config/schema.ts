@@ -1,7 +1,7 @@
 /**
  * The one configuration schema of outbox-relay (convict). Every key has a default, an environment
  * variable and a doc string; README.md's configuration reference is generated from the same facts by
- * `outbox-relay config --doc` so the two cannot drift apart.
+ * `npm run docs` (scripts/config-reference.mjs), and a test fails when the two drift apart.
  */
 
 /** A schema leaf in convict's shape, narrowed to what we use. */
@@ -35,7 +35,7 @@ export const schema = {
   },
   database: {
     url: {
-      doc: 'PostgreSQL connection URL (`postgres://user:pass@host:port/db?sslmode=…`). When set it overrides every `DB_*` part; its `sslmode` means what it means to libpq and psql (`require`: encrypted, certificate not checked; `verify-ca` needs `sslrootcert`) and wins over `DB_SSL`, except that nothing falls back: `prefer` is `require`, and `allow` is refused.',
+      doc: 'PostgreSQL connection URL (`postgres://user:pass@host:port/db?sslmode=…`). When set it overrides every `DB_*` part (but a URL without a password takes `DB_PASSWORD`); its `sslmode` means what it means to libpq and psql (`require`: encrypted, certificate not checked; `verify-ca` needs `sslrootcert`) and wins over `DB_SSL`, except that nothing falls back: `prefer` is `require`, and `allow` is refused.',
       format: String,
       default: '',
       env: 'DATABASE_URL',
@@ -45,7 +45,7 @@ export const schema = {
     port: { doc: 'PostgreSQL port.', format: 'port', default: 5432, env: 'DB_PORT' },
     name: { doc: 'Database name.', format: String, default: 'postgres', env: 'DB_NAME' },
     user: { doc: 'Database user.', format: String, default: 'postgres', env: 'DB_USER' },
-    password: { doc: 'Database password.', format: String, default: '', env: 'DB_PASSWORD', sensitive: true },
+    password: { doc: 'Database password. It also fills in a `DATABASE_URL` that has none, so that the URL can sit in an environment file and the password in a secret file or systemd credential.', format: String, default: '', env: 'DB_PASSWORD', sensitive: true },
     ssl: {
       doc: 'TLS to PostgreSQL: `disable`, `require` (encrypted, certificate not checked) or `verify-full`.',
       format: SSL_MODES,
@@ -64,7 +64,7 @@ export const schema = {
   },
   secrets: {
     jwtSecret: {
-      doc: 'HMAC key of the pull API\'s bearer tokens (HS256). Required in production by `api`; checked by `validate-env`.',
+      doc: 'HMAC key of the pull API\'s bearer tokens (HS256). Required by `api` and `api token`; checked by `validate-env`.',
       format: String,
       default: '',
       env: 'JWT_SECRET',
@@ -288,7 +288,7 @@ export const schema = {
     },
   },
   retention: {
-    enabled: { doc: 'Run the retention job on its schedule inside `run`.', format: Boolean, default: true, env: 'RETENTION_ENABLED' },
+    enabled: { doc: 'Run the retention job on its schedule inside `run` (not on standby relays).', format: Boolean, default: true, env: 'RETENTION_ENABLED' },
     days: { doc: 'Processed events older than this are deleted (with their acknowledgments).', format: 'nat', default: 30, env: 'RETENTION_DAYS' },
     deadDays: {
       doc: 'Events with dead deliveries are kept this long, for `replay`.',
