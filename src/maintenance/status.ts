@@ -37,19 +37,24 @@ WHERE processed_at IS NOT NULL
 GROUP BY event_type`;
 
 /**
- * Lag per tenant: the events still on their way (waiting for fan-out, or with a delivery that is not
- * dead), and the age of the oldest, as the relay's outbox_relay_oldest_pending_age_seconds counts
- * them. An event whose deliveries all died is not lag (EVENTS counts it as failed, `replay` sends it
- * again): counted, the lag of a tenant with one dead delivery grew for ever while /metrics said 0.
- * Stranded events are reported on their own (STRANDED).
+ * Lag per tenant, as the relay's outbox_relay_oldest_pending_age_seconds measures it: the events
+ * still on their way (waiting for fan-out, or with a delivery that is not dead), and the age of the
+ * oldest piece of work, a queued event since its capture and a live delivery since its fan-out (so a
+ * replay of last month's events is not a month of lag). An event whose deliveries all died is not
+ * lag (EVENTS counts it as failed, `replay` sends it again): counted, the lag of a tenant with one
+ * dead delivery grew for ever while /metrics said 0. Stranded events are reported on their own
+ * (STRANDED).
  */
 const LAG = `
-SELECT e.tenant::text AS tenant, count(*)::bigint AS unprocessed,
-       extract(epoch FROM now() - min(e.created_at))::float8 AS oldest_seconds
-FROM public.outbox_events AS e
-WHERE e.processed_at IS NULL
-  AND (EXISTS (SELECT 1 FROM public.outbox_fanout_queue AS q WHERE q.event_id = e.id)
-       OR EXISTS (SELECT 1 FROM public.outbox_deliveries AS d WHERE d.event_id = e.id AND d.state <> 'dead'))
+WITH live AS (
+  SELECT d.event_id, min(d.created_at) AS since
+  FROM public.outbox_deliveries AS d WHERE d.state <> 'dead' GROUP BY d.event_id
+  UNION ALL
+  SELECT e.id, e.created_at FROM public.outbox_fanout_queue AS q JOIN public.outbox_events AS e ON e.id = q.event_id
+)
+SELECT e.tenant::text AS tenant, count(DISTINCT e.id)::bigint AS unprocessed,
+       extract(epoch FROM now() - min(l.since))::float8 AS oldest_seconds
+FROM live AS l JOIN public.outbox_events AS e ON e.id = l.event_id
 GROUP BY e.tenant
 ORDER BY oldest_seconds DESC`;
 
