@@ -13,7 +13,7 @@ import { POLL_SQL } from '../src/relay/relay.js';
 import { runCli } from './helpers/cli.js';
 import { freshDatabase, type TestDatabase } from './helpers/db.js';
 import { answer, startReceiver, verifyWith, type ReceivedRequest } from './helpers/receiver.js';
-import { byWebhookId, count, createTenant, expectedWebhookId, startRelay, subscribe, tenantName, waitFor, writeAll } from './helpers/relay.js';
+import { byWebhookId, count, createTenant, expectedWebhookId, startRelay, subscribe, tenantName, unprocessed, waitFor, writeAll } from './helpers/relay.js';
 
 const BODY_KEYS = ['id', 'tenant', 'event_type', 'aggregate_id', 'aggregate_type', 'payload', 'created_at'];
 
@@ -60,8 +60,6 @@ async function acks(db: TestDatabase, where = 'true', params: unknown[] = []): P
   );
   return rows;
 }
-
-const unprocessed = (db: TestDatabase) => count(db, 'SELECT count(*)::int AS n FROM public.outbox_events WHERE processed_at IS NULL');
 
 /** Delivered webhook-ids of a receiver, as a sorted list. */
 const deliveredIds = (reqs: Map<string, ReceivedRequest>) => [...reqs.keys()].sort();

@@ -6,16 +6,9 @@
  */
 import t from 'tap';
 import { startEmbeddedPostgres } from '../src/db/embeddedPostgres.js';
-import { freshDatabase, type TestDatabase } from './helpers/db.js';
+import { freshDatabase } from './helpers/db.js';
 import { answer, startReceiver, type ReceivedRequest, type Receiver } from './helpers/receiver.js';
-import { byWebhookId, count, createTenant, expectedWebhookId, spawnRelay, startRelay, subscribe, tenantName, waitFor, writeAll } from './helpers/relay.js';
-
-const unprocessed = (db: TestDatabase) => count(db, 'SELECT count(*)::int AS n FROM public.outbox_events WHERE processed_at IS NULL');
-
-async function eventIds(db: TestDatabase, tenant: string): Promise<string[]> {
-  const { rows } = await db.query<{ id: string }>('SELECT id::text FROM public.outbox_events WHERE tenant = $1 ORDER BY outbox_events.id', [tenant]);
-  return rows.map((r) => r.id);
-}
+import { byWebhookId, count, createTenant, eventIds, expectedWebhookId, spawnRelay, startRelay, subscribe, tenantName, unprocessed, waitFor, writeAll } from './helpers/relay.js';
 
 /** Bulk inserts of `rows` vendors in statements of `per` rows, from id `first`. */
 function bulkInserts(tenant: string, first: number, rows: number, per = 50): string[] {

@@ -7,7 +7,7 @@ import t from 'tap';
 import type { CircuitState } from '../src/relay/circuitBreaker.js';
 import { freshDatabase, type TestDatabase } from './helpers/db.js';
 import { answer, startReceiver, type ReceivedRequest } from './helpers/receiver.js';
-import { count, createTenant, expectedWebhookId, startRelay, subscribe, tenantName, waitFor, writeAll } from './helpers/relay.js';
+import { count, createTenant, expectedWebhookId, startRelay, subscribe, tenantName, unprocessed, waitFor, writeAll } from './helpers/relay.js';
 
 interface Body {
   id: string;
@@ -16,8 +16,6 @@ interface Body {
   payload: { new_data: { seq: number } | null };
 }
 const parse = (r: ReceivedRequest) => JSON.parse(r.body) as Body;
-
-const unprocessed = (db: TestDatabase) => count(db, 'SELECT count(*)::int AS n FROM public.outbox_events WHERE processed_at IS NULL');
 
 async function eventsByAggregate(db: TestDatabase, tenant: string): Promise<Map<string, string[]>> {
   const { rows } = await db.query<{ id: string; aggregate_id: string }>(

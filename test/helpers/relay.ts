@@ -198,6 +198,15 @@ export async function count(db: TestDatabase, sql: string, params: unknown[] = [
   return Number(rows[0]?.n ?? 0);
 }
 
+/** Events not processed yet (in every tenant). */
+export const unprocessed = (db: TestDatabase): Promise<number> => count(db, 'SELECT count(*)::int AS n FROM public.outbox_events WHERE processed_at IS NULL');
+
+/** A tenant's event ids, in order, as text. */
+export async function eventIds(db: TestDatabase, tenant: string): Promise<string[]> {
+  const { rows } = await db.query<{ id: string }>('SELECT id::text FROM public.outbox_events WHERE tenant = $1 ORDER BY outbox_events.id', [tenant]);
+  return rows.map((r) => r.id);
+}
+
 /** Groups requests by webhook-id. */
 export function byWebhookId<T extends { webhookId: string }>(requests: readonly T[]): Map<string, T[]> {
   const m = new Map<string, T[]>();
