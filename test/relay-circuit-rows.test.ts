@@ -85,8 +85,14 @@ t.test('circuit rows say when a relay last vouched for them: status hides old on
   await writeAll(db, [`INSERT INTO ${tenant}.vendors (id, name) VALUES (100, 'dead')`]);
   await db.query(`WITH q AS (DELETE FROM public.outbox_fanout_queue RETURNING event_id)
                   INSERT INTO public.outbox_deliveries (event_id, subscription_id, state, attempts) SELECT event_id, $1, 'dead', 5 FROM q`, [sub.id]);
-  const replayed = await runCli(['replay', '--subscription', String(sub.id)], { DATABASE_URL: db.url });
+  // Another subscription of the tenant, with a circuit open too: replay did not choose it.
+  const other = await subscribe(db, { tenant, userId: 2, url: bad.url('/other') });
+  await db.query("INSERT INTO public.outbox_circuit_states (subscription_id, worker_id, state, probe_at, changed_at, seen_at) VALUES ($1, 'other:1', 'open', now(), now(), now())", [other.id]);
+  const replayed = await runCli(['replay', '--subscription', String(sub.id), '--tenant', tenant], { DATABASE_URL: db.url });
   t.equal(replayed.code, 0, replayed.stderr);
+  t.notMatch(replayed.stderr, new RegExp(`subscription ${other.id}'s`), 'with --subscription and --tenant, only the chosen subscription\'s circuit is named');
+  await db.query('DELETE FROM public.outbox_circuit_states WHERE subscription_id = $1', [other.id]);
+  await db.query('UPDATE public.outbox_subscriptions SET enabled = false WHERE id = $1', [other.id]); // out of the way of what follows
   t.match(replayed.stdout, /^1 deliveries queued$/m);
   t.match(replayed.stderr, new RegExp(`subscription ${sub.id}'s circuit is open on 1 relay\\(s\\): its deliveries go once a probe \\(next at \\d{4}-\\d\\d-\\d\\dT[0-9:]+Z\\) finds the receiver answering`),
     `replay names the open circuit: ${replayed.stderr.trim()}`);

@@ -60,8 +60,9 @@ ORDER BY oldest_seconds DESC`;
 
 
 /**
- * Open circuits (seen lately) of the given subscriptions, or of a tenant's: `replay` names them,
- * since what it queued waits for the circuit's next probe.
+ * Open circuits (seen lately) of what `replay` chose: the given subscriptions (all when none is
+ * given) and, with a tenant, of that tenant only, as replay's own filter combines them. It names
+ * them, since what it queued waits for the circuit's next probe.
  */
 export const OPEN_CIRCUITS = `
 SELECT c.subscription_id::int AS id, count(*)::int AS relays,
@@ -69,7 +70,7 @@ SELECT c.subscription_id::int AS id, count(*)::int AS relays,
 FROM public.outbox_circuit_states AS c
 JOIN public.outbox_subscriptions AS s ON s.id = c.subscription_id
 WHERE c.state = 'open' AND c.seen_at > now() - interval '${CIRCUIT_ROW_VISIBLE}'
-  AND (s.id = ANY ($1::bigint[]) OR s.tenant = $2)
+  AND (cardinality($1::bigint[]) = 0 OR s.id = ANY ($1::bigint[])) AND (s.tenant = $2 OR $2 IS NULL)
 GROUP BY c.subscription_id
 ORDER BY 1`;
 
