@@ -292,36 +292,47 @@ t.test('cleanup on a few hundred thousand events: the right rows go, the counts 
     'the lag counts the events on their way (a live delivery, or queued), not those whose deliveries all died');
 });
 
-t.test('status LAG measures as the metric does: a live delivery from its fan-out, a queued event from its capture', async (t) => {
+t.test('status LAG measures as the metric does: a live delivery from when it was queued (replay included), a queued event from its capture', async (t) => {
   const db = await freshDatabase(t);
   const T = tenantName('lag');
   await createTenant(db, T);
   const recv = await startReceiver(t);
   const sub = await subscribe(db, { tenant: T, userId: 1, url: recv.url() });
-  const event = async (age: string, processed: boolean) => {
+  const event = async (type: string, age: string) => {
     const { rows } = await db.query<{ id: string }>(`
-      INSERT INTO public.outbox_events (tenant, event_type, aggregate_id, aggregate_type, payload, created_at, updated_at, processed_at)
-      VALUES ($1, 'vendors_update', 'v', 'vendors', '{}', now() - $2::interval, now() - $2::interval, CASE WHEN $3 THEN now() END) RETURNING id::text`, [T, age, processed]);
+      INSERT INTO public.outbox_events (tenant, event_type, aggregate_id, aggregate_type, payload, created_at, updated_at)
+      VALUES ($1, $2, 'v', 'vendors', '{}', now() - $3::interval, now() - $3::interval) RETURNING id::text`, [T, type, age]);
     return rows[0]?.id as string;
   };
-  // Replayed last month: processed, with a delivery made a minute ago.
-  const replayed = await event('30 days', true);
-  await db.query("INSERT INTO public.outbox_deliveries (event_id, subscription_id, state, created_at) VALUES ($1, $2, 'ready', now() - interval '1 minute')", [replayed, sub.id]);
-  // Dead: not lag.
-  const dead = await event('20 days', false);
-  await db.query("INSERT INTO public.outbox_deliveries (event_id, subscription_id, state) VALUES ($1, $2, 'dead')", [dead, sub.id]);
+  // Last month: one event whose delivery died, one delivered (no delivery row left, processed).
+  const dead = await event('vendors_update', '30 days');
+  await db.query("INSERT INTO public.outbox_deliveries (event_id, subscription_id, state, attempts, created_at) VALUES ($1, $2, 'dead', 20, now() - interval '30 days')", [dead, sub.id]);
+  await db.query('UPDATE public.outbox_events SET attempts = max_attempts WHERE id = $1', [dead]);
+  const delivered = await event('vendors_insert', '30 days');
+  await db.query('UPDATE public.outbox_events SET processed_at = now() - interval \'30 days\' WHERE id = $1', [delivered]);
   const lag = async () => {
     const res = await runCli(['status', '--json'], { DATABASE_URL: db.url });
     t.equal(res.code, 0, res.stderr);
     return (JSON.parse(res.stdout) as { lag: Array<{ tenant: string; unprocessed: number; oldest_seconds: number }> }).lag.find((l) => l.tenant === T);
   };
-  const first = await lag();
-  t.equal(first?.unprocessed, 1, 'the replayed event is on its way; the dead one is not');
-  t.ok(first && first.oldest_seconds >= 60 && first.oldest_seconds < 3600, `aged from its delivery's fan-out, not its capture 30 days ago (${first?.oldest_seconds} s)`);
+  t.equal(await lag(), undefined, 'a dead delivery is not lag');
+
+  const replayDead = await runCli(['replay', '--subscription', String(sub.id), '--event-type', 'vendors_update'], { DATABASE_URL: db.url });
+  t.equal(replayDead.code, 0, replayDead.stderr);
+  const afterDead = await lag();
+  t.equal(afterDead?.unprocessed, 1, 'the replayed dead delivery is on its way');
+  t.ok(afterDead && afterDead.oldest_seconds < 600, `aged from the replay, not from its first fan-out 30 days ago (${afterDead?.oldest_seconds} s)`);
+
+  const replayDelivered = await runCli(['replay', '--subscription', String(sub.id), '--event-type', 'vendors_insert', '--delivered'], { DATABASE_URL: db.url });
+  t.equal(replayDelivered.code, 0, replayDelivered.stderr);
+  const afterDelivered = await lag();
+  t.equal(afterDelivered?.unprocessed, 2, 'and the re-sent delivered one');
+  t.ok(afterDelivered && afterDelivered.oldest_seconds < 600, `both aged from the replay (${afterDelivered?.oldest_seconds} s)`);
+
   // Waiting for fan-out since its capture two hours ago.
-  const queued = await event('2 hours', false);
+  const queued = await event('vendors_update', '2 hours');
   await db.query('INSERT INTO public.outbox_fanout_queue (event_id) VALUES ($1)', [queued]);
-  const second = await lag();
-  t.equal(second?.unprocessed, 2, 'and the queued one');
-  t.ok(second && second.oldest_seconds >= 7200 && second.oldest_seconds < 7200 + 600, `the oldest is now the queued event, aged from its capture (${second?.oldest_seconds} s)`);
+  const withQueued = await lag();
+  t.equal(withQueued?.unprocessed, 3, 'and the queued one');
+  t.ok(withQueued && withQueued.oldest_seconds >= 7200 && withQueued.oldest_seconds < 7200 + 600, `the oldest is now the queued event, aged from its capture (${withQueued?.oldest_seconds} s)`);
 });
