@@ -239,6 +239,8 @@ t.test('/readyz follows the database: 503 while its PostgreSQL is stopped, 200 w
   await waitFor(async () => (await status(base, '/readyz')) === 200, 30_000, '/readyz 200 with the database up', relay.diag);
   t.pass('/readyz 200 while the database is up');
   await waitFor(async () => (await status(sb.base, '/readyz')) === 200, 30_000, 'the standby relay\'s /readyz 200', standby.diag);
+  // /readyz runs a query of its own; database_up follows the relay's first check, a moment later.
+  await waitFor(async () => (await ups(sb.base)).database === 1, 30_000, 'the standby relay\'s database_up 1', async () => ups(sb.base));
   t.same(await ups(sb.base), { listen: 1, database: 1 }, 'standby: listen_up 1 (it listens for nothing) and database_up 1');
 
   await server.stop();

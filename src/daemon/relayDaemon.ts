@@ -128,6 +128,7 @@ export class RelayDaemon {
     // Circuits open lately (a predecessor's too, before clear() removes them): those start half-open.
     this.relay.expectOpenCircuits(await this.circuits.recentlyOpen());
     await this.circuits.clear();
+    if (this.abort.signal.aborted) return;
     await this.relay.start();
     if (this.abort.signal.aborted) return;
     // The queue gauges exist for the metrics port; without it the sampler's queries are wasted.

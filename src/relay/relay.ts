@@ -160,6 +160,8 @@ export class Relay extends EventEmitter<RelayEvents> {
   private retryTimer: NodeJS.Timeout | undefined;
   private refreshTimer: NodeJS.Timeout | undefined;
   private healthy = false;
+  /** A standby database check is under way (a hung one must not pile up more behind it). */
+  private checking = false;
 
   constructor(private readonly options: RelayOptions) {
     super();
@@ -253,6 +255,8 @@ export class Relay extends EventEmitter<RelayEvents> {
    * background, never fatal.
    */
   start(): Promise<void> {
+    // After stop(), nothing starts: timers set now would keep the process alive.
+    if (this.stopPromise) return Promise.resolve();
     this.starting ??= this.startOnce();
     return this.starting;
   }
@@ -295,8 +299,10 @@ export class Relay extends EventEmitter<RelayEvents> {
     this.wake();
   }
 
-  /** In standby, readiness still needs a database that answers. */
+  /** In standby, readiness still needs a database that answers. One check at a time. */
   private async checkDatabase(): Promise<void> {
+    if (this.checking) return;
+    this.checking = true;
     try {
       await this.pool.query('SELECT 1');
       if (this.dbFailures > 0) this.log.info('database reachable again');
@@ -304,6 +310,8 @@ export class Relay extends EventEmitter<RelayEvents> {
       this.healthy = true;
     } catch (err) {
       this.onDbError(err, 'connecting');
+    } finally {
+      this.checking = false;
     }
   }
 
