@@ -143,8 +143,10 @@ t.test('DB_PASSWORD fills in a DATABASE_URL without a password (the URL in an en
   t.equal(read({ DATABASE_URL: 'postgres://app:own@db.example/app', DB_PASSWORD: odd }).password, 'own', "the URL's own password wins");
   t.equal(connectionOptions(loadConfig({ env: { DATABASE_URL: 'postgres://app@db.example/app' } }).database).connectionString,
     'postgres://app@db.example/app', 'no DB_PASSWORD: the URL unchanged');
-  t.equal(connectionOptions(loadConfig({ env: { DATABASE_URL: 'postgres:///app?host=/var/run/postgresql', DB_PASSWORD: 'x' } }).database).connectionString,
-    'postgres:///app?host=/var/run/postgresql', 'a socket URL (no host) is kept as it is');
+  const socket = read({ DATABASE_URL: 'postgres:///app?host=/var/run/postgresql&user=app', DB_PASSWORD: odd });
+  t.match(socket, { user: 'app', host: '/var/run/postgresql', database: 'app' }, 'a socket URL (no host in its authority) keeps its meaning');
+  t.equal(socket.password, odd, 'and takes the password as a query parameter');
+  t.equal(read({ DATABASE_URL: 'postgres://app@db.example/app?password=inquery', DB_PASSWORD: odd }).password, 'inquery', "a URL's ?password= wins too");
 });
 
 t.test('a secret from NAME_FILE; one trailing newline stripped', async (t) => {

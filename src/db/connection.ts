@@ -27,8 +27,9 @@ export function connectionOptions(db: DatabaseConfig, applicationName = db.appli
 /**
  * DB_PASSWORD for a DATABASE_URL without a password, as libpq takes PGPASSWORD: the URL can sit in an
  * environment file while the password comes from a secret file or a systemd credential. A URL with a
- * password of its own, without a host (a socket path in its query) or that is not a URL is kept as
- * it is. The password is percent-encoded whole, so node-postgres decodes exactly it.
+ * password of its own (in its user part or as `?password=`), or that is not a URL, is kept as it is.
+ * Without a host (a socket directory in `?host=`) the password goes into the query, which
+ * node-postgres reads too. Percent-encoded whole, so node-postgres decodes exactly it.
  */
 export function withPassword(url: string, password: string): string {
   if (!password) return url;
@@ -38,7 +39,8 @@ export function withPassword(url: string, password: string): string {
   } catch {
     return url;
   }
-  if (u.password || !u.host || u.hash) return url;
+  if (u.password || u.searchParams.has('password') || u.hash) return url;
+  if (!u.host) return `${url}${u.search ? '&' : '?'}password=${encodeURIComponent(password)}`;
   u.password = encodeURIComponent(password);
   return u.href;
 }
