@@ -134,6 +134,8 @@ t.test('errors clients may see', async (t) => {
   t.same(pick(toApiError({ code: '40P01', message: 'deadlock' })), [503, 'unavailable']);
   t.same(pick(toApiError({ code: '08006', message: 'connection failure' })), [503, 'unavailable']);
   t.same(pick(toApiError({ code: '28000', message: 'role "api" does not exist' })), [503, 'unavailable'], 'a refused login is the database unavailable, not a bug');
+  t.same(pick(toApiError({ code: '28P01', message: 'password authentication failed' })), [503, 'unavailable'], 'a wrong password too');
+  t.same(pick(toApiError({ code: '3D000', message: 'database "app" does not exist' })), [503, 'unavailable'], 'and a database gone');
   t.same(pick(toApiError({ code: 'ECONNREFUSED', message: 'connect ECONNREFUSED' })), [503, 'unavailable']);
   t.same(pick(toApiError(new Error('timeout exceeded when trying to connect'))), [503, 'unavailable']);
   t.same(pick(toApiError({ code: '42P01', message: 'relation does not exist' })), [500, 'internal']);
