@@ -38,6 +38,8 @@ t.test('with RELAY_BUFFER_BYTES of 1 MiB and 300 KB rows, a relay holds four del
   t.ok(holding.maxPending <= 4, `never more than four requests at once (saw ${holding.maxPending})`);
   t.equal(recv.requests.length, ROWS, 'each once');
   t.ok(recv.requests.every((r) => r.verified && r.body.length > ROW_CHARS), 'signed, and whole');
+  // Answered is not yet recorded: wait for every outcome.
+  await waitFor(async () => (await count(db, 'SELECT count(*)::int AS n FROM public.event_acknowledgments')) === ROWS, 10_000, 'every outcome recorded');
   const { rows: acks } = await db.query<{ attempts: string }>("SELECT metadata->>'attempts' AS attempts FROM public.event_acknowledgments");
   t.same([...new Set(acks.map((a) => a.attempts))], ['1'], 'each acknowledged at its first attempt');
   t.same(relay.logs.errors().map((l) => l.msg), [], 'no error logged');
