@@ -1,4 +1,14 @@
--- 020: a delivery that `replay` queues again is aged from that moment.
+-- 020: replay locks the events it chooses, and a delivery it queues again is aged from that moment.
+--
+-- Retention deletes processed events older than RETENTION_DAYS, row by row with FOR UPDATE SKIP
+-- LOCKED. `replay --delivered` chose such an event, wrote its new delivery and only then marked the
+-- event pending again: retention running in between (while replay waited on a lock, say) deleted the
+-- event and its acknowledgment, and replay reported the delivery queued. The relay then dropped the
+-- orphaned delivery at its claim (014): a replay lost without a word (a helper's review reproduced
+-- it; the ops-retention test "retention does not delete an event that replay is sending again" does
+-- too). Replay now locks its candidate events first (FOR UPDATE), so retention passes them over.
+-- Relay outcomes and fan-out, which also update events, take the lane lock before any row, as
+-- replay does, so the order of locks is the same everywhere.
 --
 -- The lag (`status` LAG and outbox_relay_oldest_pending_age_seconds) ages a live delivery from its
 -- created_at, the moment it was queued. A dead delivery that `replay` queued again kept the
@@ -46,6 +56,7 @@ BEGIN
           AND (type_patterns IS NULL OR public.outbox_event_type_matches(type_patterns, e.event_type))
           AND (created_from IS NULL OR e.created_at >= created_from)
           AND (created_to IS NULL OR e.created_at < created_to)
+        FOR UPDATE OF e
     ),
     batch AS (
         SELECT d.event_id, d.subscription_id, d.lane, true AS existing

@@ -336,3 +336,38 @@ t.test('status LAG measures as the metric does: a live delivery from when it was
   t.equal(withQueued?.unprocessed, 3, 'and the queued one');
   t.ok(withQueued && withQueued.oldest_seconds >= 7200 && withQueued.oldest_seconds < 7200 + 600, `the oldest is now the queued event, aged from its capture (${withQueued?.oldest_seconds} s)`);
 });
+
+t.test('retention does not delete an event that replay is sending again: replay locks its events first', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('rr');
+  await createTenant(db, T);
+  const recv = await startReceiver(t);
+  const sub = await subscribe(db, { tenant: T, userId: 1, url: recv.url() });
+  // Delivered and processed 40 days ago: retention's to delete, unless replay --delivered sends it again.
+  const { rows } = await db.query<{ id: string }>(`
+    INSERT INTO public.outbox_events (tenant, event_type, aggregate_id, aggregate_type, payload, created_at, updated_at, processed_at)
+    VALUES ($1, 'vendors_update', '1', 'vendors', '{}', now() - interval '40 days', now() - interval '40 days', now() - interval '40 days')
+    RETURNING id::text`, [T]);
+  const id = rows[0]?.id as string;
+  // Another session holds an uncommitted delivery of the same key, so replay stops in the middle of
+  // its statement (at its insert) for as long as this session likes: the window retention used to
+  // fall into, between replay choosing the event and marking it pending again.
+  const other = new pg.Client({ connectionString: db.url });
+  await other.connect();
+  t.teardown(() => other.end().catch(() => undefined));
+  await other.query('BEGIN');
+  await other.query("INSERT INTO public.outbox_deliveries (event_id, subscription_id, state) VALUES ($1, $2, 'dead')", [id, sub.id]);
+  const replaying = runCli(['replay', '--delivered', '--tenant', T, '--json'], { DATABASE_URL: db.url });
+  await waitFor(async () => (await count(db,
+    "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%outbox_replay%'")) === 1,
+  15_000, 'replay to wait inside its statement');
+  const cleanup = await runCli(['cleanup', '--json'], retentionEnv(db.url, 100));
+  t.equal(cleanup.code, 0, cleanup.stderr);
+  t.match(JSON.parse(cleanup.stdout), { processedEvents: 0 }, 'retention left the event replay holds');
+  await other.query('ROLLBACK');
+  const replayed = await replaying;
+  t.equal(replayed.code, 0, replayed.stderr);
+  t.same(JSON.parse(replayed.stdout), { queued: 1 }, 'replay queued it');
+  t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.outbox_events WHERE id = $1 AND processed_at IS NULL', [id]), 1, 'the event is there, pending again');
+  t.equal(await count(db, "SELECT count(*)::int AS n FROM public.outbox_deliveries WHERE event_id = $1 AND state = 'ready'", [id]), 1, 'with its new delivery');
+});
