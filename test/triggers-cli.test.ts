@@ -5,6 +5,7 @@
 import t from 'tap';
 import { runCli, type CliResult } from './helpers/cli.js';
 import { freshDatabase, type TestDatabase } from './helpers/db.js';
+import { count } from './helpers/relay.js';
 
 /** The type of a subtest's `t` (the callback of the last `t.test` overload). */
 type Tap = Parameters<Parameters<typeof t.test>[0]>[0];
@@ -239,17 +240,37 @@ t.test('remove --table, remove --schema, remove --all; list as text and JSON', a
   t.same(listing.allSchemas, { enabled: false, excluded: [] });
   t.equal(listing.autoCapture, true);
 
+  // In a schema captured as a whole, removing one table excludes it: its triggers stay, disabled.
+  // Removed ones came back at the table's next ALTER TABLE (the DDL event trigger re-creates them).
+  const eventsOf = (table: string) => count(db, "SELECT count(*)::int AS n FROM public.outbox_events WHERE aggregate_type = $1", [table]);
   const rmTable = await runCli(['triggers', 'remove', '--schema', 'tenant_a', '--table', 'one'], env);
-  t.equal(rmTable.code, 0);
-  t.match(rmTable.stdout, /removed capture from tenant_a\.one/);
-  t.equal(await captured(db, 'tenant_a.one'), 0);
-  t.equal(await captured(db, 'tenant_a.two'), 3, 'the other table keeps its triggers');
+  t.equal(rmTable.code, 0, rmTable.stderr);
+  t.match(rmTable.stdout, /disabled capture of tenant_a\.one \(its schema is captured as a whole/);
+  const enabledTriggers = async (rel: string) => (await db.query<{ n: number }>(
+    "SELECT count(*)::int AS n FROM pg_trigger WHERE tgrelid = $1::regclass AND tgfoid = 'public.outbox_capture()'::regprocedure AND tgenabled <> 'D'", [rel])).rows[0]?.n;
+  t.equal(await enabledTriggers('tenant_a.one'), 0, 'no capture trigger of tenant_a.one is enabled');
+  t.equal(await enabledTriggers('tenant_a.two'), 3, 'the other table keeps its triggers');
+  await db.query('ALTER TABLE tenant_a.one ADD COLUMN note text');
+  await db.query('INSERT INTO tenant_a.one (id) VALUES (1)');
+  t.equal(await eventsOf('one'), 0, 'an ALTER TABLE later does not bring capture back: the insert made no event');
   const partial = JSON.parse((await runCli(['triggers', 'list', '--json'], env)).stdout) as typeof listing;
-  t.match(partial.tables.find((x) => x.table === 'one' && x.schema === 'tenant_a'), { captured: false, note: /not captured yet/ }, 'list shows the gap in a captured schema');
+  t.match(partial.tables.find((x) => x.table === 'one' && x.schema === 'tenant_a'),
+    { captured: false, note: /capture disabled: "triggers install --schema tenant_a --table one" enables it/ }, 'list says it is disabled, and how to undo it');
+  const again = await runCli(['triggers', 'install', '--schema', 'tenant_a'], env);
+  t.equal(again.code, 0, again.stderr);
+  t.match(again.stdout, /skipped\s+tenant_a\.one: capture disabled/, 'a whole-schema install keeps the exclusion, and says so');
+  t.equal(await enabledTriggers('tenant_a.one'), 0);
+  const back = await runCli(['triggers', 'install', '--schema', 'tenant_a', '--table', 'one'], env);
+  t.equal(back.code, 0, back.stderr);
+  await db.query('INSERT INTO tenant_a.one (id) VALUES (2)');
+  t.equal(await eventsOf('one'), 1, 'an install by name enables it again');
+  t.equal((await runCli(['triggers', 'remove', '--schema', 'tenant_a', '--table', 'one'], env)).code, 0, 'and it can be excluded again');
 
   const rmSchema = await runCli(['triggers', 'remove', '--schema', 'tenant_a', '--json'], env);
   t.equal(rmSchema.code, 0);
-  t.same(JSON.parse(rmSchema.stdout), { removed: [{ schema: 'tenant_a', table: 'two' }], schemas: ['tenant_a'] });
+  t.same(JSON.parse(rmSchema.stdout), { removed: [{ schema: 'tenant_a', table: 'one' }, { schema: 'tenant_a', table: 'two' }], disabled: [], schemas: ['tenant_a'] },
+    'removing the schema removes every table\'s triggers, disabled ones included');
+  t.equal(await captured(db, 'tenant_a.one'), 0);
   t.equal(await captured(db, 'tenant_a.two'), 0);
   await db.query(`CREATE TABLE tenant_a.three (id integer PRIMARY KEY)`);
   t.equal(await captured(db, 'tenant_a.three'), 0, 'new tables of a removed schema are not captured');

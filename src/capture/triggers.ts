@@ -56,7 +56,22 @@ const TABLE_KIND = `
 SELECT c.relkind::text AS kind FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
 WHERE n.nspname = $1 AND c.relname = $2`;
 
-const INSTALL = 'SELECT public.outbox_install_capture($1, $2, true) AS installed';
+/**
+ * $3 strict: re-create disabled triggers too. An install by table name is; a whole-schema install is
+ * not, so that it keeps the tables excluded by `triggers remove --table` (their triggers disabled).
+ */
+const INSTALL = 'SELECT public.outbox_install_capture($1, $2, $3) AS installed';
+/** Capture triggers of a table that are disabled (an exclusion, or an operator's ALTER TABLE ... DISABLE TRIGGER). */
+const DISABLED_TRIGGERS = `
+SELECT count(*)::int AS n FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relname = $2 AND t.tgfoid = 'public.outbox_capture()'::regprocedure AND t.tgenabled = 'D'`;
+const SCHEMA_CAPTURED = 'SELECT public.outbox_schema_is_captured($1) AS captured';
+/**
+ * Excludes one table of a schema captured as a whole: its triggers stay, disabled, because the DDL
+ * event trigger re-creates missing ones at the next ALTER TABLE but leaves disabled ones alone.
+ * The statement is built by format('%I'), never by hand.
+ */
+const DISABLE_DDL = `SELECT format('ALTER TABLE %I.%I DISABLE TRIGGER outbox_capture_insert, DISABLE TRIGGER outbox_capture_update, DISABLE TRIGGER outbox_capture_delete', $1::text, $2::text) AS ddl`;
 const IS_OWN_TABLE = 'SELECT public.outbox_is_own_table($1, $2) AS own';
 const REMOVE = 'SELECT public.outbox_remove_capture($1, $2) AS removed';
 const REGISTER_SCHEMA = 'INSERT INTO public.outbox_capture_schemas (schema_name) VALUES ($1) ON CONFLICT DO NOTHING';
@@ -139,9 +154,11 @@ async function installTables(client: pg.ClientBase, schema: string, tables: read
       report.skipped.push({ schema, table, reason: 'no primary key' });
       continue;
     }
-    const res = await client.query<{ installed: boolean }>(INSTALL, [schema, table]);
-    if (res.rows[0]?.installed) report.installed.push({ schema, table });
-    else report.skipped.push({ schema, table, reason: 'partition (captured through its parent)' });
+    const res = await client.query<{ installed: boolean }>(INSTALL, [schema, table, !wholeSchema]);
+    if (!res.rows[0]?.installed) report.skipped.push({ schema, table, reason: 'partition (captured through its parent)' });
+    else if (wholeSchema && (await client.query<{ n: number }>(DISABLED_TRIGGERS, [schema, table])).rows[0]?.n) {
+      report.skipped.push({ schema, table, reason: `capture disabled (triggers remove --table); "triggers install --schema ${schema} --table ${table}" enables it` });
+    } else report.installed.push({ schema, table });
   }
   if (wholeSchema) {
     await client.query(REGISTER_SCHEMA, [schema]);
@@ -171,21 +188,39 @@ export async function installAllSchemas(client: pg.ClientBase, exclude: readonly
 
 export interface RemoveReport {
   removed: TableRef[];
+  /** Tables of a schema captured as a whole, excluded: their triggers disabled, so that they stay off. */
+  disabled: TableRef[];
   schemas: string[];
 }
 
-/** Removes capture from the named tables, or from a whole schema (which also stops auto-capture there). */
+/**
+ * Removes capture from the named tables, or from a whole schema (which also stops auto-capture there).
+ * A named table of a schema captured as a whole is excluded instead: removed triggers would come back
+ * at its next ALTER TABLE (the DDL event trigger), disabled ones stay as they are.
+ */
 export async function removeSchema(client: pg.ClientBase, schema: string, tables: readonly string[] = []): Promise<RemoveReport> {
   assertIdentifier('schema', schema);
   tables.forEach((t) => assertIdentifier('table', t));
   return inTransaction(client, async () => {
     await assertSchemaExists(client, schema);
-    const report: RemoveReport = { removed: [], schemas: [] };
+    const report: RemoveReport = { removed: [], disabled: [], schemas: [] };
     const names = tables.length === 0 ? await schemaTables(client, schema) : tables;
+    const wholeSchemaCaptured = tables.length > 0 && Boolean((await client.query<{ captured: boolean }>(SCHEMA_CAPTURED, [schema])).rows[0]?.captured);
     for (const table of names) {
       if (tables.length > 0) {
         const { rows } = await client.query<{ kind: string }>(TABLE_KIND, [schema, table]);
         if (!rows[0]) throw new UsageError(`table ${schema}.${table} does not exist`);
+      }
+      if (wholeSchemaCaptured) {
+        // Non-strict: creates the triggers if missing, leaves them as they are otherwise (false: a
+        // partition, or no primary key: nothing to exclude, the event trigger never captures it).
+        const ok = await client.query<{ installed: boolean }>(INSTALL, [schema, table, false]);
+        if (ok.rows[0]?.installed) {
+          const { rows } = await client.query<{ ddl: string }>(DISABLE_DDL, [schema, table]);
+          await client.query(rows[0]?.ddl as string);
+          report.disabled.push({ schema, table });
+        }
+        continue;
       }
       const res = await client.query<{ removed: boolean }>(REMOVE, [schema, table]);
       if (res.rows[0]?.removed) report.removed.push({ schema, table });
@@ -205,7 +240,7 @@ export async function removeSchema(client: pg.ClientBase, schema: string, tables
 export async function removeAll(client: pg.ClientBase): Promise<RemoveReport> {
   return inTransaction(client, async () => {
     const { rows } = await client.query<TableRef>(SELECT_CAPTURED);
-    const report: RemoveReport = { removed: [], schemas: [] };
+    const report: RemoveReport = { removed: [], disabled: [], schemas: [] };
     for (const r of rows) {
       await client.query(REMOVE, [r.schema, r.table]);
       report.removed.push({ schema: r.schema, table: r.table });
@@ -235,6 +270,7 @@ WITH captured_schemas AS (
 tables AS (
   SELECT n.nspname::text AS schema, c.relname::text AS table,
          (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgfoid = 'public.outbox_capture()'::regprocedure) AS triggers,
+         (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgfoid = 'public.outbox_capture()'::regprocedure AND t.tgenabled = 'D') AS disabled,
          -- The primary key's columns in key order (NULL: no primary key).
          (SELECT array_agg(a.attname::text ORDER BY k.ord)
           FROM pg_index AS i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
@@ -245,7 +281,7 @@ tables AS (
   FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
   WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
 )
-SELECT schema, "table", key_columns IS NOT NULL AS has_pk, triggers::int AS triggers, schema_captured, key_columns,
+SELECT schema, "table", key_columns IS NOT NULL AS has_pk, triggers::int AS triggers, disabled::int AS disabled, schema_captured, key_columns,
        -- Triggers whose arguments (the key columns, as pg_trigger.tgargs encodes them: each name
        -- followed by a zero byte) no longer name the table's primary key.
        (SELECT count(*) FROM pg_trigger t
@@ -269,7 +305,7 @@ export interface CaptureListing {
 /** What is captured, per table, and whether new tables will be. */
 export async function listCapture(client: pg.ClientBase): Promise<CaptureListing> {
   const { rows } = await client.query<{
-    schema: string; table: string; has_pk: boolean; triggers: number; stale: number; schema_captured: boolean; key_columns: string[] | null;
+    schema: string; table: string; has_pk: boolean; triggers: number; disabled: number; stale: number; schema_captured: boolean; key_columns: string[] | null;
   }>(SELECT_CAPTURE_LIST);
   const schemas = await client.query<{ schema_name: string }>('SELECT schema_name FROM public.outbox_capture_schemas ORDER BY 1');
   const settings = await client.query<{ all_schemas: boolean; excluded_schemas: string[] }>(
@@ -278,9 +314,10 @@ export async function listCapture(client: pg.ClientBase): Promise<CaptureListing
   const autoCapture = await autoCaptureInstalled(client);
   return {
     tables: rows.map((r) => {
-      const captured = r.triggers === 3;
+      const captured = r.triggers === 3 && r.disabled === 0;
       let note = '';
-      if (!captured) note = !r.has_pk ? 'not captured: no primary key' : r.triggers > 0 ? 'partially captured: re-run triggers install' : 'not captured yet: run triggers install';
+      if (r.disabled > 0) note = `capture disabled: "triggers install --schema ${r.schema} --table ${r.table}" enables it`;
+      else if (!captured) note = !r.has_pk ? 'not captured: no primary key' : r.triggers > 0 ? 'partially captured: re-run triggers install' : 'not captured yet: run triggers install';
       // Still capturing, but naming key columns the table no longer has (changed while no event
       // trigger re-installed capture): events would carry an empty aggregate id.
       else if (r.stale > 0) note = 'the primary key changed since install: re-run triggers install';
