@@ -35,8 +35,10 @@ t.test('subscriptions update moves a subscription to a corrected URL: pending re
   const sub = await subscribe(db, { tenant: T, userId: 6, url: recv.url('/hoks') });
   recv.secrets.push(sub.secret);
   recv.respond = (r, res) => answer(res, r.path === '/hooks' ? 200 : 404, r.path === '/hooks' ? 'ok' : 'no such hook');
-  // Enough attempts, spaced out, that the deliveries are still retrying when the URL is corrected.
-  await startRelay(t, db.url, { ...NO_CIRCUIT, RETRY_MAX_ATTEMPTS: '100', RETRY_BASE_MS: '300', RETRY_MAX_MS: '600' });
+  // Enough attempts, spaced out, that the deliveries are still retrying when the URL is corrected:
+  // the refused updates below take ten CLI runs first, which took 50 s on a loaded CI machine (100
+  // attempts at most 600 ms apart ran out there, and the deliveries died before the correction).
+  await startRelay(t, db.url, { ...NO_CIRCUIT, RETRY_MAX_ATTEMPTS: '1000', RETRY_BASE_MS: '300', RETRY_MAX_MS: '1000' });
   await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 5) g`]);
   const ids = await eventIds(db, T);
   await waitFor(() => recv.at('/hoks').length >= ids.length, 10_000, 'attempts at the wrong URL');
