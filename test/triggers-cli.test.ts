@@ -351,3 +351,20 @@ t.test('list names a table whose primary key changed since install, and install 
   const { rows } = await db.query<{ aggregate_id: string }>('SELECT aggregate_id FROM public.outbox_events');
   t.same(rows, [{ aggregate_id: '7' }], 'events carry the key again');
 });
+
+t.test('list flags a captured parent in table inheritance, and excluding it leaves the children captured', async (t) => {
+  const db = await freshDatabase(t);
+  await db.query(`CREATE SCHEMA tenant_i; CREATE TABLE tenant_i.parent (id integer PRIMARY KEY, v text);
+    CREATE TABLE tenant_i.child (extra text) INHERITS (tenant_i.parent); ALTER TABLE tenant_i.child ADD PRIMARY KEY (id)`);
+  const env = { DATABASE_URL: db.url };
+  t.equal((await runCli(['triggers', 'install', '--schema', 'tenant_i'], env)).code, 0);
+  const listed = async () => (JSON.parse((await runCli(['triggers', 'list', '--json'], env)).stdout) as { tables: Array<{ table: string; captured: boolean; note: string }> }).tables;
+  const parent = (await listed()).find((x) => x.table === 'parent');
+  t.match(parent, { captured: true, note: /has inheritance children: exclude it \("triggers remove --schema tenant_i --table parent"\) and capture the children/ }, 'the parent is flagged');
+  t.match((await listed()).find((x) => x.table === 'child'), { captured: true, note: '' }, 'the child is not');
+  t.equal((await runCli(['triggers', 'remove', '--schema', 'tenant_i', '--table', 'parent'], env)).code, 0);
+  t.match((await listed()).find((x) => x.table === 'parent'), { captured: false, note: /capture disabled/ }, 'excluded');
+  await db.query(`INSERT INTO tenant_i.parent VALUES (1, 'a'); INSERT INTO tenant_i.child VALUES (1, 'b', 'x'); UPDATE tenant_i.child SET v = 'c' WHERE id = 1`);
+  const { rows } = await db.query<{ event_type: string }>('SELECT event_type FROM public.outbox_events ORDER BY id');
+  t.same(rows.map((r) => r.event_type), ['child_insert', 'child_update'], 'writes to the child are captured once each, under its own name');
+});

@@ -271,6 +271,8 @@ tables AS (
   SELECT n.nspname::text AS schema, c.relname::text AS table,
          (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgfoid = 'public.outbox_capture()'::regprocedure) AS triggers,
          (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgfoid = 'public.outbox_capture()'::regprocedure AND t.tgenabled = 'D') AS disabled,
+         -- A parent in table inheritance (not partitioning): see README, Capture.
+         EXISTS (SELECT 1 FROM pg_inherits AS i JOIN pg_class AS k ON k.oid = i.inhrelid WHERE i.inhparent = c.oid AND NOT k.relispartition) AS inheritance_parent,
          -- The primary key's columns in key order (NULL: no primary key).
          (SELECT array_agg(a.attname::text ORDER BY k.ord)
           FROM pg_index AS i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
@@ -281,7 +283,7 @@ tables AS (
   FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
   WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
 )
-SELECT schema, "table", key_columns IS NOT NULL AS has_pk, triggers::int AS triggers, disabled::int AS disabled, schema_captured, key_columns,
+SELECT schema, "table", key_columns IS NOT NULL AS has_pk, triggers::int AS triggers, disabled::int AS disabled, inheritance_parent, schema_captured, key_columns,
        -- Triggers whose arguments (the key columns, as pg_trigger.tgargs encodes them: each name
        -- followed by a zero byte) no longer name the table's primary key.
        (SELECT count(*) FROM pg_trigger t
@@ -305,7 +307,7 @@ export interface CaptureListing {
 /** What is captured, per table, and whether new tables will be. */
 export async function listCapture(client: pg.ClientBase): Promise<CaptureListing> {
   const { rows } = await client.query<{
-    schema: string; table: string; has_pk: boolean; triggers: number; disabled: number; stale: number; schema_captured: boolean; key_columns: string[] | null;
+    schema: string; table: string; has_pk: boolean; triggers: number; disabled: number; inheritance_parent: boolean; stale: number; schema_captured: boolean; key_columns: string[] | null;
   }>(SELECT_CAPTURE_LIST);
   const schemas = await client.query<{ schema_name: string }>('SELECT schema_name FROM public.outbox_capture_schemas ORDER BY 1');
   const settings = await client.query<{ all_schemas: boolean; excluded_schemas: string[] }>(
@@ -321,6 +323,9 @@ export async function listCapture(client: pg.ClientBase): Promise<CaptureListing
       // Still capturing, but naming key columns the table no longer has (changed while no event
       // trigger re-installed capture): events would carry an empty aggregate id.
       else if (r.stale > 0) note = 'the primary key changed since install: re-run triggers install';
+      // Its statements reach the children's rows, whose keys may repeat the parent's: an UPDATE
+      // through it can pair old and new rows wrongly (README, Capture: exclude it, capture the children).
+      else if (r.inheritance_parent) note = `has inheritance children: exclude it ("triggers remove --schema ${r.schema} --table ${r.table}") and capture the children`;
       return { schema: r.schema, table: r.table, captured, keyColumns: r.key_columns ?? [], note };
     }),
     schemas: schemas.rows.map((r) => r.schema_name),
