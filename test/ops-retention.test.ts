@@ -371,3 +371,34 @@ t.test('retention does not delete an event that replay is sending again: replay 
   t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.outbox_events WHERE id = $1 AND processed_at IS NULL', [id]), 1, 'the event is there, pending again');
   t.equal(await count(db, "SELECT count(*)::int AS n FROM public.outbox_deliveries WHERE event_id = $1 AND state = 'ready'", [id]), 1, 'with its new delivery');
 });
+
+t.test('replay does not wait for an open transaction that acknowledged one of its events', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('ra');
+  await createTenant(db, T);
+  const recv = await startReceiver(t);
+  await subscribe(db, { tenant: T, userId: 1, url: recv.url() });
+  const { rows } = await db.query<{ id: string }>(`
+    INSERT INTO public.outbox_events (tenant, event_type, aggregate_id, aggregate_type, payload, processed_at)
+    VALUES ($1, 'vendors_update', '1', 'vendors', '{}', now()) RETURNING id::text`, [T]);
+  const id = rows[0]?.id as string;
+  // An application's transaction, still open, acknowledged the event by pull: its insert holds
+  // FOR KEY SHARE on the event (the foreign key), which FOR UPDATE would wait for.
+  const app = new pg.Client({ connectionString: db.url });
+  await app.connect();
+  t.teardown(() => app.end().catch(() => undefined));
+  await app.query('BEGIN');
+  await app.query("INSERT INTO public.event_acknowledgments (event_id, user_id, tenant, processor, status, source) VALUES ($1, 7, $2, 'flowgram.ai', 'processed', 'pull')", [id, T]);
+  const replayer = new pg.Client({ connectionString: db.url });
+  await replayer.connect();
+  t.teardown(() => replayer.end().catch(() => undefined));
+  await replayer.query('BEGIN');
+  // A lock wait fails with 55P03 instead of hanging the test.
+  await replayer.query("SET LOCAL lock_timeout = '5s'");
+  const res = await replayer.query<{ queued: number }>(
+    "SELECT queued FROM public.outbox_replay('delivered', NULL, $1, NULL, NULL, NULL, 0, 100)", [T]);
+  t.same(res.rows, [{ queued: 1 }], 'replay queued the event without waiting');
+  await replayer.query('COMMIT');
+  await app.query('COMMIT');
+  t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.event_acknowledgments WHERE event_id = $1', [id]), 1, 'the acknowledgment committed too');
+});

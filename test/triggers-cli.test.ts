@@ -368,3 +368,72 @@ t.test('list flags a captured parent in table inheritance, and excluding it leav
   const { rows } = await db.query<{ event_type: string }>('SELECT event_type FROM public.outbox_events ORDER BY id');
   t.same(rows.map((r) => r.event_type), ['child_insert', 'child_update'], 'writes to the child are captured once each, under its own name');
 });
+
+t.test('an exclusion survives a new primary key, a lost one and a missing trigger; a trigger disabled by hand stays so', async (t) => {
+  const db = await freshDatabase(t);
+  await db.query(`CREATE SCHEMA tenant_x;
+    CREATE TABLE tenant_x.kept (id integer PRIMARY KEY, v text);
+    CREATE TABLE tenant_x.gone (id integer PRIMARY KEY, v text);
+    CREATE TABLE tenant_x.part (id integer PRIMARY KEY, v text)`);
+  const env = { DATABASE_URL: db.url };
+  t.equal((await runCli(['triggers', 'install', '--schema', 'tenant_x'], env)).code, 0);
+  for (const table of ['kept', 'gone']) {
+    t.equal((await runCli(['triggers', 'remove', '--schema', 'tenant_x', '--table', table], env)).code, 0, `${table} excluded`);
+  }
+  const states = async (rel: string): Promise<string> => {
+    const { rows } = await db.query<{ s: string }>(
+      `SELECT string_agg(tgname || '=' || tgenabled::text, ',' ORDER BY tgname) AS s FROM pg_trigger
+       WHERE tgrelid = $1::regclass AND tgfoid = 'public.outbox_capture()'::regprocedure`, [rel]);
+    return rows[0]?.s ?? '';
+  };
+  const allDisabled = 'outbox_capture_delete=D,outbox_capture_insert=D,outbox_capture_update=D';
+
+  // A new primary key makes the event trigger re-create the triggers (new arguments): still disabled.
+  await db.query('ALTER TABLE tenant_x.kept DROP CONSTRAINT kept_pkey, ADD PRIMARY KEY (id, v)');
+  t.equal(await states('tenant_x.kept'), allDisabled, 'a changed key keeps the exclusion');
+  // The key lost, then a new one: the disabled triggers wait, and come back disabled.
+  await db.query('ALTER TABLE tenant_x.gone DROP CONSTRAINT gone_pkey');
+  t.equal(await states('tenant_x.gone'), allDisabled, 'no key: the disabled triggers stay');
+  await db.query('ALTER TABLE tenant_x.gone ADD PRIMARY KEY (v)');
+  t.equal(await states('tenant_x.gone'), allDisabled, 'a key again: still excluded');
+  // One of an excluded table's triggers dropped by hand: the next ALTER TABLE re-creates it disabled.
+  await db.query('DROP TRIGGER outbox_capture_update ON tenant_x.kept; ALTER TABLE tenant_x.kept ADD COLUMN w text');
+  t.equal(await states('tenant_x.kept'), allDisabled, 'a missing trigger of an excluded table comes back disabled');
+
+  // One trigger disabled by hand is not an exclusion: the rest keep capturing, a re-install keeps it.
+  await db.query('ALTER TABLE tenant_x.part DISABLE TRIGGER outbox_capture_update');
+  await db.query('ALTER TABLE tenant_x.part DROP CONSTRAINT part_pkey, ADD PRIMARY KEY (id, v)');
+  t.equal(await states('tenant_x.part'), 'outbox_capture_delete=O,outbox_capture_insert=O,outbox_capture_update=D',
+    'a re-created trigger keeps the state it had');
+  const again = await runCli(['triggers', 'install', '--schema', 'tenant_x'], env);
+  t.equal(again.code, 0, again.stderr);
+  t.match(again.stdout, /skipped\s+tenant_x\.kept: capture disabled/, 'the excluded table is skipped');
+  t.match(again.stdout, /^captured\s+tenant_x\.part$/m, 'a table with one trigger disabled by hand is not reported as excluded');
+  const listed = (JSON.parse((await runCli(['triggers', 'list', '--json'], env)).stdout) as { tables: Array<{ table: string; captured: boolean; note: string }> }).tables;
+  t.match(listed.find((x) => x.table === 'part'), { captured: false, note: /capture partly disabled \(1 of 3 triggers/ }, 'list says partly disabled');
+  t.match(listed.find((x) => x.table === 'gone'), { captured: false, note: /^capture disabled/ }, 'list says disabled');
+
+  await db.query(`INSERT INTO tenant_x.kept VALUES (1, 'a'); INSERT INTO tenant_x.gone VALUES (1, 'a');
+    INSERT INTO tenant_x.part VALUES (1, 'a'); UPDATE tenant_x.part SET id = 1 WHERE id = 1`);
+  const { rows } = await db.query<{ event_type: string }>('SELECT event_type FROM public.outbox_events ORDER BY id');
+  t.same(rows.map((r) => r.event_type), ['part_insert'], 'only the enabled trigger captured');
+
+  // Installing by name includes the table again: every trigger enabled.
+  t.equal((await runCli(['triggers', 'install', '--schema', 'tenant_x', '--table', 'kept'], env)).code, 0);
+  t.equal(await states('tenant_x.kept'), 'outbox_capture_delete=O,outbox_capture_insert=O,outbox_capture_update=O', 'install by name enables');
+});
+
+t.test('subscriptions add warns when every capture trigger of the tenant is disabled', async (t) => {
+  const db = await freshDatabase(t);
+  await db.query(`CREATE SCHEMA tenant_d; CREATE TABLE tenant_d.one (id integer PRIMARY KEY)`);
+  const env = { DATABASE_URL: db.url };
+  t.equal((await runCli(['triggers', 'install', '--schema', 'tenant_d', '--table', 'one'], env)).code, 0);
+  await db.query('ALTER TABLE tenant_d.one DISABLE TRIGGER ALL');
+  const added = await runCli(['subscriptions', 'add', '--tenant', 'tenant_d', '--user', '1', '--url', 'https://example.com/hook'], env);
+  t.equal(added.code, 0, added.stderr);
+  t.match(added.stderr, /nothing in schema "tenant_d" is captured/, 'disabled triggers do not count as capture');
+  await db.query('ALTER TABLE tenant_d.one ENABLE TRIGGER ALL');
+  const second = await runCli(['subscriptions', 'add', '--tenant', 'tenant_d', '--user', '2', '--url', 'https://example.com/hook'], env);
+  t.equal(second.code, 0, second.stderr);
+  t.notMatch(second.stderr, /is captured/, 'enabled triggers do');
+});

@@ -61,10 +61,14 @@ WHERE n.nspname = $1 AND c.relname = $2`;
  * not, so that it keeps the tables excluded by `triggers remove --table` (their triggers disabled).
  */
 const INSTALL = 'SELECT public.outbox_install_capture($1, $2, $3) AS installed';
-/** Capture triggers of a table that are disabled (an exclusion, or an operator's ALTER TABLE ... DISABLE TRIGGER). */
-const DISABLED_TRIGGERS = `
-SELECT count(*)::int AS n FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid JOIN pg_namespace AS n ON n.oid = c.relnamespace
-WHERE n.nspname = $1 AND c.relname = $2 AND t.tgfoid = 'public.outbox_capture()'::regprocedure AND t.tgenabled = 'D'`;
+/**
+ * Whether a table is excluded: it has capture triggers and all of them are disabled. One trigger
+ * disabled by hand (ALTER TABLE ... DISABLE TRIGGER outbox_capture_update) is not an exclusion.
+ */
+const EXCLUDED = `
+SELECT coalesce(bool_and(t.tgenabled = 'D'), false) AS excluded
+FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relname = $2 AND t.tgfoid = 'public.outbox_capture()'::regprocedure`;
 const SCHEMA_CAPTURED = 'SELECT public.outbox_schema_is_captured($1) AS captured';
 /**
  * Excludes one table of a schema captured as a whole: its triggers stay, disabled, because the DDL
@@ -156,7 +160,7 @@ async function installTables(client: pg.ClientBase, schema: string, tables: read
     }
     const res = await client.query<{ installed: boolean }>(INSTALL, [schema, table, !wholeSchema]);
     if (!res.rows[0]?.installed) report.skipped.push({ schema, table, reason: 'partition (captured through its parent)' });
-    else if (wholeSchema && (await client.query<{ n: number }>(DISABLED_TRIGGERS, [schema, table])).rows[0]?.n) {
+    else if (wholeSchema && (await client.query<{ excluded: boolean }>(EXCLUDED, [schema, table])).rows[0]?.excluded) {
       report.skipped.push({ schema, table, reason: `capture disabled (triggers remove --table); "triggers install --schema ${schema} --table ${table}" enables it` });
     } else report.installed.push({ schema, table });
   }
@@ -318,7 +322,8 @@ export async function listCapture(client: pg.ClientBase): Promise<CaptureListing
     tables: rows.map((r) => {
       const captured = r.triggers === 3 && r.disabled === 0;
       let note = '';
-      if (r.disabled > 0) note = `capture disabled: "triggers install --schema ${r.schema} --table ${r.table}" enables it`;
+      if (r.disabled > 0 && r.disabled === r.triggers) note = `capture disabled: "triggers install --schema ${r.schema} --table ${r.table}" enables it`;
+      else if (r.disabled > 0) note = `capture partly disabled (${r.disabled} of ${r.triggers} triggers, by ALTER TABLE ... DISABLE TRIGGER): "triggers install --schema ${r.schema} --table ${r.table}" enables them`;
       else if (!captured) note = !r.has_pk ? 'not captured: no primary key' : r.triggers > 0 ? 'partially captured: re-run triggers install' : 'not captured yet: run triggers install';
       // Still capturing, but naming key columns the table no longer has (changed while no event
       // trigger re-installed capture): events would carry an empty aggregate id.

@@ -33,9 +33,10 @@ function parseTime(name: string, value: string | undefined): Date | undefined {
 const TENANT_CAPTURED = `
 WITH n AS (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = $1)
 SELECT EXISTS (SELECT 1 FROM n) AS exists,
-       EXISTS (SELECT 1 FROM public.outbox_capture_schemas AS c WHERE c.schema_name = $1)
+       public.outbox_schema_is_captured($1)
        OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t JOIN pg_catalog.pg_class AS r ON r.oid = t.tgrelid
-                  WHERE r.relnamespace IN (SELECT oid FROM n) AND t.tgfoid = 'public.outbox_capture()'::regprocedure) AS captured`;
+                  WHERE r.relnamespace IN (SELECT oid FROM n) AND t.tgfoid = 'public.outbox_capture()'::regprocedure
+                    AND t.tgenabled <> 'D') AS captured`;
 
 export function registerSubscriptionCommands(program: Command, ctx: () => CommandContext): void {
   const subs = program.command('subscriptions').description('webhook subscriptions: one per tenant and delivering user');
