@@ -1,5 +1,5 @@
--- 021: replay's event locks no longer wait for acknowledgments; a table's exclusion from capture
--- survives a key change, a lost primary key and a partial install.
+-- 021: replay's and outcomes' event locks no longer wait for acknowledgments; a table's exclusion
+-- from capture survives a key change, a lost primary key and a partial install.
 --
 -- 1. outbox_replay (020) locked its candidate events FOR UPDATE, so that retention (FOR UPDATE SKIP
 --    LOCKED) passes them over. FOR UPDATE also conflicts with the FOR KEY SHARE lock that every
@@ -9,6 +9,13 @@
 --    stalled behind it (a helper's review reproduced it). FOR NO KEY UPDATE is what an UPDATE of the
 --    event takes anyway: it still conflicts with retention's FOR UPDATE (which SKIP LOCKED skips) and
 --    no longer with acknowledgment inserts. Otherwise outbox_replay is 020's.
+--    outbox_complete (005) had the same lock on the events whose deliveries to other subscriptions
+--    finish in other transactions (its `siblings`), taken under the shared lane lock: an open
+--    acknowledgment stalled the outcome, fan-out and replay queued behind it for the lock
+--    exclusively, and every later outcome behind them (the same review reproduced the chain). It
+--    takes FOR NO KEY UPDATE now too, which still serializes outcomes of one event (the lock
+--    conflicts with itself). Otherwise outbox_complete is 005's. What still waits: an outcome whose
+--    acknowledgment has the same (event, user) as one an open transaction inserted (the unique key).
 --
 -- 2. outbox_install_capture (003). `triggers remove --schema S --table T`, when S is captured as a
 --    whole, excludes T by disabling its capture triggers; the DDL event trigger runs a non-strict
@@ -116,6 +123,136 @@ BEGIN
             updated_at = now()
         WHERE e.id = ANY (touched);
     END IF;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION public.outbox_complete(
+    worker text, event_ids bigint[], subscription_ids bigint[], attempt_numbers integer[], outcomes text[],
+    http_statuses integer[], errors text[], delays_ms bigint[], durations_ms integer[])
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+-- Key lookups only: never let a stale estimate turn one into a scan of a large table.
+SET enable_seqscan = off
+AS $fn$
+DECLARE
+    applied   integer;
+    ev_ids    bigint[];
+    ev_max    integer[];
+    lane_subs bigint[];
+    lane_ids  bigint[];
+    n_locked  integer;
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared(7411201005);
+
+    WITH input AS (
+        SELECT DISTINCT ON (i.event_id, i.subscription_id) i.*
+        FROM unnest(event_ids, subscription_ids, attempt_numbers, outcomes, http_statuses, errors, delays_ms, durations_ms)
+            AS i(event_id, subscription_id, attempt, outcome, http_status, error, delay_ms, duration_ms)
+        ORDER BY i.event_id, i.subscription_id
+    ),
+    -- One primary-key lookup per outcome, driven from the input. The state test stays outside the
+    -- locking subquery on purpose: inside, it would let the planner pick the claim index (partial on
+    -- state = 'ready', keyed by subscription), and with a fresh queue's statistics it does, scanning
+    -- the whole queue per outcome (seen: seconds per batch).
+    target AS (
+        SELECT d.event_id, d.subscription_id, d.lane, i.attempt, i.outcome, i.http_status, i.error, i.delay_ms, i.duration_ms
+        FROM input AS i
+        CROSS JOIN LATERAL (
+            SELECT x.event_id, x.subscription_id, x.lane, x.attempts, x.locked_by, x.state
+            FROM public.outbox_deliveries AS x
+            WHERE x.event_id = i.event_id AND x.subscription_id = i.subscription_id
+            OFFSET 0 -- a fence: the state test below must not be pushed in here
+            FOR UPDATE
+        ) AS d
+        WHERE d.attempts = i.attempt AND d.locked_by = worker AND d.state = 'ready'
+    ),
+    -- An event with deliveries to several subscriptions may see them finish in several transactions at
+    -- once; locking it (in id order, no deadlocks) makes the last one see all the others' outcomes.
+    -- NO KEY UPDATE (021): conflicts with itself and with retention, not with acknowledgment inserts.
+    siblings AS (
+        SELECT e.id FROM public.outbox_events AS e
+        WHERE e.id IN (
+            SELECT t.event_id FROM target AS t
+            WHERE t.outcome IN ('ok', 'dead') AND EXISTS (
+                SELECT 1 FROM public.outbox_deliveries AS o WHERE o.event_id = t.event_id AND o.subscription_id <> t.subscription_id))
+        ORDER BY e.id
+        FOR NO KEY UPDATE
+    ),
+    delivered AS (
+        DELETE FROM public.outbox_deliveries AS d USING target AS t
+        WHERE d.event_id = t.event_id AND d.subscription_id = t.subscription_id AND t.outcome = 'ok'
+        RETURNING 1
+    ),
+    changed AS (
+        UPDATE public.outbox_deliveries AS d
+        SET state = CASE WHEN t.outcome = 'dead' THEN 'dead'::public.outbox_delivery_state ELSE d.state END,
+            attempts = CASE WHEN t.outcome = 'gone' THEN greatest(d.attempts - 1, 0) ELSE d.attempts END,
+            next_attempt_at = now() + CASE WHEN t.outcome = 'retry' THEN t.delay_ms ELSE 0 END * interval '1 millisecond',
+            locked_by = NULL,
+            last_status = t.http_status,
+            last_error = left(t.error, 2000)
+        FROM target AS t
+        WHERE d.event_id = t.event_id AND d.subscription_id = t.subscription_id AND t.outcome IN ('retry', 'dead', 'gone')
+        RETURNING 1
+    ),
+    gone AS (
+        UPDATE public.outbox_subscriptions AS s
+        SET enabled = false, disabled_reason = 'receiver answered 410 Gone', disabled_at = now(), updated_at = now()
+        WHERE s.id IN (SELECT t.subscription_id FROM target AS t WHERE t.outcome = 'gone') AND s.enabled
+        RETURNING 1
+    ),
+    acks AS (
+        INSERT INTO public.event_acknowledgments AS a
+            (event_id, user_id, tenant, processor, status, processed_at, metadata, source)
+        SELECT t.event_id, s.user_id, s.tenant, s.processor,
+               CASE WHEN t.outcome = 'ok' THEN 'processed' ELSE 'failed' END::public.acknowledgment_status,
+               now(),
+               jsonb_build_object('subscription_id', s.id, 'http_status', t.http_status, 'attempts', t.attempt,
+                                  'duration_ms', t.duration_ms, 'webhook_id', 'msg_' || t.event_id || '_' || s.id)
+                   || CASE WHEN t.outcome = 'dead' THEN jsonb_build_object('error', left(t.error, 500)) ELSE '{}'::jsonb END,
+               'relay'
+        FROM target AS t JOIN public.outbox_subscriptions AS s ON s.id = t.subscription_id
+        WHERE t.outcome IN ('ok', 'dead')
+        ON CONFLICT (event_id, user_id) DO UPDATE
+            SET status = excluded.status, processor = excluded.processor, processed_at = excluded.processed_at,
+                metadata = excluded.metadata, updated_at = now()
+            WHERE a.source = 'relay'
+        RETURNING 1
+    ),
+    per_event AS (
+        SELECT t.event_id, max(t.attempt)::integer AS max_attempt
+        FROM target AS t WHERE t.outcome <> 'gone' GROUP BY t.event_id
+    )
+    SELECT (SELECT count(*)::integer FROM target),
+           (SELECT array_agg(p.event_id ORDER BY p.event_id) FROM per_event AS p),
+           (SELECT array_agg(p.max_attempt ORDER BY p.event_id) FROM per_event AS p),
+           (SELECT array_agg(t.subscription_id) FROM target AS t WHERE t.outcome IN ('ok', 'dead') AND t.lane IS NOT NULL),
+           (SELECT array_agg(t.lane) FROM target AS t WHERE t.outcome IN ('ok', 'dead') AND t.lane IS NOT NULL),
+           (SELECT count(*)::integer FROM siblings) -- a plain SELECT runs only when referenced
+      INTO applied, ev_ids, ev_max, lane_subs, lane_ids, n_locked;
+
+    -- A new statement sees the changes above: roll the events up, then promote each finished lane.
+    IF ev_ids IS NOT NULL THEN
+        UPDATE public.outbox_events AS e
+        SET attempts = CASE WHEN r.dead THEN e.max_attempts ELSE greatest(e.attempts, r.max_attempt) END,
+            processed_at = CASE WHEN e.processed_at IS NULL AND r.remaining = 0 THEN now() ELSE e.processed_at END,
+            updated_at = now()
+        FROM (
+            -- What is left of each event's deliveries (by key: no state test, see target above).
+            SELECT f.id, f.max_attempt, left_over.remaining, left_over.dead
+            FROM unnest(ev_ids, ev_max) AS f(id, max_attempt)
+            CROSS JOIN LATERAL (
+                SELECT count(*) AS remaining, coalesce(bool_or(d.state = 'dead'), false) AS dead
+                FROM public.outbox_deliveries AS d WHERE d.event_id = f.id
+            ) AS left_over
+        ) AS r
+        WHERE e.id = r.id;
+    END IF;
+    IF lane_subs IS NOT NULL THEN
+        PERFORM public.outbox_promote_lanes(lane_subs, lane_ids);
+    END IF;
+    RETURN applied;
 END
 $fn$;
 

@@ -11,7 +11,7 @@ import pg from 'pg';
 import { runCli, type CliResult } from './helpers/cli.js';
 import { freshDatabase, type TestDatabase } from './helpers/db.js';
 import { startReceiver } from './helpers/receiver.js';
-import { count, createTenant, spawnRelay, subscribe, tenantName, waitFor } from './helpers/relay.js';
+import { count, createTenant, spawnRelay, startRelay, subscribe, tenantName, waitFor, writeAll } from './helpers/relay.js';
 
 const DAYS = 30;
 const DEAD_DAYS = 90;
@@ -401,4 +401,29 @@ t.test('replay does not wait for an open transaction that acknowledged one of it
   await replayer.query('COMMIT');
   await app.query('COMMIT');
   t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.event_acknowledgments WHERE event_id = $1', [id]), 1, 'the acknowledgment committed too');
+});
+
+t.test('outcomes do not wait for an open transaction that acknowledged their event', async (t) => {
+  const db = await freshDatabase(t);
+  const T = tenantName('oa');
+  await createTenant(db, T);
+  const recv = await startReceiver(t);
+  // Two subscriptions: each outcome finds the other's delivery and locks the event (sql/021).
+  for (const userId of [1, 2]) recv.secrets.push((await subscribe(db, { tenant: T, userId, url: recv.url() })).secret);
+  await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) VALUES (1, 'a')`]);
+  const id = String((await db.query<{ id: string }>('SELECT id::text FROM public.outbox_events')).rows[0]?.id);
+  const app = new pg.Client({ connectionString: db.url });
+  await app.connect();
+  t.teardown(() => app.end().catch(() => undefined));
+  await app.query('BEGIN');
+  await app.query("INSERT INTO public.event_acknowledgments (event_id, user_id, tenant, processor, status, source) VALUES ($1, 7, $2, 'flowgram.ai', 'processed', 'pull')", [id, T]);
+  const relay = await startRelay(t, db.url);
+  await waitFor(() => recv.requests.length >= 2, 15_000, 'both deliveries sent', () => ({ requests: recv.requests.length }));
+  // Before 021 both outcomes waited here, for as long as the application's transaction stayed open.
+  await waitFor(async () => (await count(db, "SELECT count(*)::int AS n FROM public.event_acknowledgments WHERE source = 'relay'")) === 2,
+    15_000, "both outcomes recorded while the application's transaction is still open");
+  t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.outbox_events WHERE processed_at IS NOT NULL'), 1, 'the event rolled up as processed');
+  await app.query('COMMIT');
+  t.equal(await count(db, 'SELECT count(*)::int AS n FROM public.event_acknowledgments WHERE event_id = $1', [id]), 3, "and the application's acknowledgment committed beside them");
+  t.same(relay.logs.errors().map((l) => l.msg), [], 'no error logged');
 });

@@ -152,6 +152,10 @@ async function installTables(client: pg.ClientBase, schema: string, tables: read
       report.skipped.push({ schema, table, reason: 'outbox-relay\'s own table' });
       continue;
     }
+    if (wholeSchema && (await client.query<{ excluded: boolean }>(EXCLUDED, [schema, table])).rows[0]?.excluded) {
+      report.skipped.push({ schema, table, reason: `capture disabled (triggers remove --table); "triggers install --schema ${schema} --table ${table}" enables it` });
+      continue;
+    }
     const { rows } = await client.query<{ has_pk: boolean }>(HAS_PRIMARY_KEY, [schema, table]);
     if (!rows[0]?.has_pk) {
       if (!wholeSchema) throw new UsageError(`table ${schema}.${table} has no primary key; add one before capturing it (events are keyed by the row's primary key)`);
@@ -160,9 +164,7 @@ async function installTables(client: pg.ClientBase, schema: string, tables: read
     }
     const res = await client.query<{ installed: boolean }>(INSTALL, [schema, table, !wholeSchema]);
     if (!res.rows[0]?.installed) report.skipped.push({ schema, table, reason: 'partition (captured through its parent)' });
-    else if (wholeSchema && (await client.query<{ excluded: boolean }>(EXCLUDED, [schema, table])).rows[0]?.excluded) {
-      report.skipped.push({ schema, table, reason: `capture disabled (triggers remove --table); "triggers install --schema ${schema} --table ${table}" enables it` });
-    } else report.installed.push({ schema, table });
+    else report.installed.push({ schema, table });
   }
   if (wholeSchema) {
     await client.query(REGISTER_SCHEMA, [schema]);
@@ -194,6 +196,8 @@ export interface RemoveReport {
   removed: TableRef[];
   /** Tables of a schema captured as a whole, excluded: their triggers disabled, so that they stay off. */
   disabled: TableRef[];
+  /** Named tables that could not be excluded, with the reason. */
+  skipped: Array<TableRef & { reason: string }>;
   schemas: string[];
 }
 
@@ -207,7 +211,7 @@ export async function removeSchema(client: pg.ClientBase, schema: string, tables
   tables.forEach((t) => assertIdentifier('table', t));
   return inTransaction(client, async () => {
     await assertSchemaExists(client, schema);
-    const report: RemoveReport = { removed: [], disabled: [], schemas: [] };
+    const report: RemoveReport = { removed: [], disabled: [], skipped: [], schemas: [] };
     const names = tables.length === 0 ? await schemaTables(client, schema) : tables;
     const wholeSchemaCaptured = tables.length > 0 && Boolean((await client.query<{ captured: boolean }>(SCHEMA_CAPTURED, [schema])).rows[0]?.captured);
     for (const table of names) {
@@ -217,12 +221,20 @@ export async function removeSchema(client: pg.ClientBase, schema: string, tables
       }
       if (wholeSchemaCaptured) {
         // Non-strict: creates the triggers if missing, leaves them as they are otherwise (false: a
-        // partition, or no primary key: nothing to exclude, the event trigger never captures it).
+        // partition, captured through its parent, or no primary key).
         const ok = await client.query<{ installed: boolean }>(INSTALL, [schema, table, false]);
         if (ok.rows[0]?.installed) {
           const { rows } = await client.query<{ ddl: string }>(DISABLE_DDL, [schema, table]);
           await client.query(rows[0]?.ddl as string);
           report.disabled.push({ schema, table });
+        } else if ((await client.query<{ excluded: boolean }>(EXCLUDED, [schema, table])).rows[0]?.excluded) {
+          // Excluded before it lost its key: its disabled triggers keep the exclusion (sql/021).
+          report.disabled.push({ schema, table });
+        } else if (!(await client.query<{ has_pk: boolean }>(HAS_PRIMARY_KEY, [schema, table])).rows[0]?.has_pk) {
+          // Nothing to disable: the table would be captured once it has a key.
+          report.skipped.push({ schema, table, reason: 'no primary key, so not captured now; it will be once it has one: run this again after adding the key' });
+        } else {
+          report.skipped.push({ schema, table, reason: 'a partition: captured through its parent; exclude the parent' });
         }
         continue;
       }
@@ -244,7 +256,7 @@ export async function removeSchema(client: pg.ClientBase, schema: string, tables
 export async function removeAll(client: pg.ClientBase): Promise<RemoveReport> {
   return inTransaction(client, async () => {
     const { rows } = await client.query<TableRef>(SELECT_CAPTURED);
-    const report: RemoveReport = { removed: [], disabled: [], schemas: [] };
+    const report: RemoveReport = { removed: [], disabled: [], skipped: [], schemas: [] };
     for (const r of rows) {
       await client.query(REMOVE, [r.schema, r.table]);
       report.removed.push({ schema: r.schema, table: r.table });
@@ -322,7 +334,11 @@ export async function listCapture(client: pg.ClientBase): Promise<CaptureListing
     tables: rows.map((r) => {
       const captured = r.triggers === 3 && r.disabled === 0;
       let note = '';
-      if (r.disabled > 0 && r.disabled === r.triggers) note = `capture disabled: "triggers install --schema ${r.schema} --table ${r.table}" enables it`;
+      if (r.disabled > 0 && r.disabled === r.triggers) {
+        note = r.has_pk
+          ? `capture disabled: "triggers install --schema ${r.schema} --table ${r.table}" enables it`
+          : `capture disabled; no primary key: add one, then "triggers install --schema ${r.schema} --table ${r.table}" enables it`;
+      }
       else if (r.disabled > 0) note = `capture partly disabled (${r.disabled} of ${r.triggers} triggers, by ALTER TABLE ... DISABLE TRIGGER): "triggers install --schema ${r.schema} --table ${r.table}" enables them`;
       else if (!captured) note = !r.has_pk ? 'not captured: no primary key' : r.triggers > 0 ? 'partially captured: re-run triggers install' : 'not captured yet: run triggers install';
       // Still capturing, but naming key columns the table no longer has (changed while no event

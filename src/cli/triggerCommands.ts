@@ -60,8 +60,9 @@ export function registerTriggerCommands(program: Command, ctx: () => CommandCont
         [
           ...report.removed.map((t) => `removed capture from ${t.schema}.${t.table}`),
           ...report.disabled.map((t) => `disabled capture of ${t.schema}.${t.table} (its schema is captured as a whole: the triggers stay, disabled, so that a later ALTER TABLE does not bring capture back; "triggers install --schema ${t.schema} --table ${t.table}" enables it)`),
+          ...report.skipped.map((t) => `not excluded: ${t.schema}.${t.table}: ${t.reason}`),
           ...(report.schemas.length ? [`schemas no longer captured as a whole: ${report.schemas.join(', ')}`] : []),
-          ...(report.removed.length === 0 && report.disabled.length === 0 && report.schemas.length === 0 ? ['nothing was captured there'] : []),
+          ...(report.removed.length === 0 && report.disabled.length === 0 && report.skipped.length === 0 && report.schemas.length === 0 ? ['nothing was captured there'] : []),
         ].join('\n'),
       );
     });
