@@ -233,6 +233,36 @@ t.test('api: the sidecar process', async (t) => {
     t.ok(api.logs.lines.every((l) => typeof l.level === 'number'), 'every stdout line is a JSON log line');
   });
 
+  t.test('its login refused (the role changed under it): 503 naming why, and back to 200 once it is right again', async (t) => {
+    const api = spawnApi(t, { DATABASE_URL: urlAs(db, name, 'sidecar-password-1'), JWT_SECRET: SECRET, NODE_ENV: 'production' });
+    await waitFor(() => api.logs.has('pull API listening'), 20_000, 'the sidecar to listen', () => api.stderr());
+    const port = api.logs.lines.find((l) => l.msg === 'pull API listening')?.port as number;
+    const token = (await runCli(['api', 'token', '--tenant', 'tp', '--user', '3'], { JWT_SECRET: SECRET })).stdout.trim();
+    const events = () => fetch(`http://127.0.0.1:${port}/api/outbox/events`, { headers: { authorization: `Bearer ${token}` } });
+    t.equal((await events()).status, 200);
+    // NOLOGIN: refused whatever the server's authentication method (trust, here).
+    const setLogin = async (login: boolean) => {
+      const { rows } = await db.query<{ ddl: string }>(`SELECT format('ALTER ROLE %I ${login ? 'LOGIN' : 'NOLOGIN'}', $1::text) AS ddl`, [name]);
+      await db.query(rows[0]?.ddl as string);
+    };
+    await setLogin(false);
+    await db.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1', [name]);
+    // The pool notices its dead connections on their next use; healthz probes at most once a second.
+    let health: Response | undefined;
+    await waitFor(async () => (health = await fetch(`http://127.0.0.1:${port}/healthz`)).status === 503, 10_000, 'healthz to fail');
+    t.match(await (health as Response).json(), { error: { message: "the database refused this service's login (its role or password)" } }, 'healthz says why, without the server\'s message');
+    const refused = await events();
+    t.equal(refused.status, 503, 'a request gets 503, not 500');
+    t.equal(refused.headers.get('retry-after'), '1');
+    await waitFor(() => api.logs.lines.some((l) => l.msg === 'health check failing'), 5_000, 'the failing health check logged');
+    await setLogin(true);
+    await waitFor(async () => (await fetch(`http://127.0.0.1:${port}/healthz`)).status === 200, 10_000, 'healthz to pass again');
+    t.equal((await events()).status, 200, 'requests succeed again without a restart');
+    t.notOk(JSON.stringify(api.logs.lines).includes('sidecar-password-1'), 'the password is never logged');
+    api.kill('SIGTERM');
+    t.equal(await api.exited, 0);
+  });
+
   t.test('refuses a superuser in production (exit 78), warns elsewhere', async (t) => {
     const prod = spawnApi(t, { DATABASE_URL: db.url, JWT_SECRET: SECRET, NODE_ENV: 'production' });
     t.equal(await prod.exited, 78);

@@ -64,6 +64,19 @@ export function toApiError(err: unknown): ApiError {
   return new ApiError(500, 'internal', 'internal error');
 }
 
+/**
+ * What /healthz says when the database probe fails: which kind of failure, not the server's message
+ * (the endpoint needs no token). The sidecar's log has the detail of each request that failed.
+ */
+export function healthProblem(err: unknown): string {
+  const code = typeof err === 'object' && err !== null ? (err as { code?: unknown }).code : undefined;
+  if (code === '28P01' || code === '28000') return 'the database refused this service\'s login (its role or password)';
+  if (code === '3D000') return 'the database does not exist';
+  if (code === '57P03') return 'the database is starting up or shutting down';
+  if (code === '53300') return 'the database has no free connections';
+  return 'the database is unreachable';
+}
+
 export class ApiServer {
   readonly server: Server;
   readonly store: EventStore;
@@ -74,7 +87,9 @@ export class ApiServer {
   /** Bad tokens, per client address: a flood of forgeries is cut off like any other flood. */
   private readonly badTokenLimiter: RateLimiter;
   private readonly api: Config['api'];
-  private health: { at: number; ok: Promise<boolean> } | undefined;
+  /** The last database probe of /healthz: what is wrong, or undefined when the database answered. */
+  private health: { at: number; problem: Promise<string | undefined> } | undefined;
+  private lastHealthProblem: string | undefined;
   private active = 0;
   private idle: (() => void) | undefined;
   private stopping: Promise<void> | undefined;
@@ -216,14 +231,21 @@ export class ApiServer {
     // One database round trip per second at most, however often probes come.
     if (!this.health || now - this.health.at > 1_000) {
       const ping = this.options.pool.query('SELECT 1').then(
-        () => true,
-        () => false,
+        () => undefined,
+        (err: unknown) => healthProblem(err),
       );
-      const timeout = new Promise<boolean>((resolve) => setTimeout(() => resolve(false), 2_000).unref());
-      this.health = { at: now, ok: Promise.race([ping, timeout]) };
+      const timeout = new Promise<string>((resolve) => setTimeout(() => resolve('the database did not answer within 2 s'), 2_000).unref());
+      this.health = { at: now, problem: Promise.race([ping, timeout]) };
     }
-    if (await this.health.ok) sendJson(res, 200, '{"status":"ok"}');
-    else throw new ApiError(503, 'unavailable', 'the database is unreachable');
+    const problem = await this.health.problem;
+    if (problem !== this.lastHealthProblem) {
+      // Once per change, not per probe: the first failure and the recovery.
+      if (problem) this.options.logger.warn({ problem }, 'health check failing');
+      else this.options.logger.info('health check passing again');
+      this.lastHealthProblem = problem;
+    }
+    if (!problem) sendJson(res, 200, '{"status":"ok"}');
+    else throw new ApiError(503, 'unavailable', problem);
   }
 
   private fail(req: IncomingMessage, res: ServerResponse, state: RequestState, err: unknown): void {
