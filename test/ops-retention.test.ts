@@ -372,6 +372,19 @@ t.test('retention does not delete an event that replay is sending again: replay 
   t.equal(await count(db, "SELECT count(*)::int AS n FROM public.outbox_deliveries WHERE event_id = $1 AND state = 'ready'", [id]), 1, 'with its new delivery');
 });
 
+/**
+ * An application's transaction, left open, that acknowledged the event by pull (user 7): its insert
+ * holds FOR KEY SHARE on the event through the foreign key, which FOR UPDATE would wait for.
+ */
+async function openAcknowledgment(t: { teardown: (fn: () => Promise<void>) => void }, url: string, eventId: string, tenant: string): Promise<pg.Client> {
+  const app = new pg.Client({ connectionString: url });
+  await app.connect();
+  t.teardown(() => app.end().catch(() => undefined));
+  await app.query('BEGIN');
+  await app.query("INSERT INTO public.event_acknowledgments (event_id, user_id, tenant, processor, status, source) VALUES ($1, 7, $2, 'flowgram.ai', 'processed', 'pull')", [eventId, tenant]);
+  return app;
+}
+
 t.test('replay does not wait for an open transaction that acknowledged one of its events', async (t) => {
   const db = await freshDatabase(t);
   const T = tenantName('ra');
@@ -382,13 +395,7 @@ t.test('replay does not wait for an open transaction that acknowledged one of it
     INSERT INTO public.outbox_events (tenant, event_type, aggregate_id, aggregate_type, payload, processed_at)
     VALUES ($1, 'vendors_update', '1', 'vendors', '{}', now()) RETURNING id::text`, [T]);
   const id = rows[0]?.id as string;
-  // An application's transaction, still open, acknowledged the event by pull: its insert holds
-  // FOR KEY SHARE on the event (the foreign key), which FOR UPDATE would wait for.
-  const app = new pg.Client({ connectionString: db.url });
-  await app.connect();
-  t.teardown(() => app.end().catch(() => undefined));
-  await app.query('BEGIN');
-  await app.query("INSERT INTO public.event_acknowledgments (event_id, user_id, tenant, processor, status, source) VALUES ($1, 7, $2, 'flowgram.ai', 'processed', 'pull')", [id, T]);
+  const app = await openAcknowledgment(t, db.url, id, T);
   const replayer = new pg.Client({ connectionString: db.url });
   await replayer.connect();
   t.teardown(() => replayer.end().catch(() => undefined));
@@ -412,11 +419,7 @@ t.test('outcomes do not wait for an open transaction that acknowledged their eve
   for (const userId of [1, 2]) recv.secrets.push((await subscribe(db, { tenant: T, userId, url: recv.url() })).secret);
   await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) VALUES (1, 'a')`]);
   const id = String((await db.query<{ id: string }>('SELECT id::text FROM public.outbox_events')).rows[0]?.id);
-  const app = new pg.Client({ connectionString: db.url });
-  await app.connect();
-  t.teardown(() => app.end().catch(() => undefined));
-  await app.query('BEGIN');
-  await app.query("INSERT INTO public.event_acknowledgments (event_id, user_id, tenant, processor, status, source) VALUES ($1, 7, $2, 'flowgram.ai', 'processed', 'pull')", [id, T]);
+  const app = await openAcknowledgment(t, db.url, id, T);
   const relay = await startRelay(t, db.url);
   await waitFor(() => recv.requests.length >= 2, 15_000, 'both deliveries sent', () => ({ requests: recv.requests.length }));
   // Before 021 both outcomes waited here, for as long as the application's transaction stayed open.
