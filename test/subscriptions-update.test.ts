@@ -86,8 +86,8 @@ t.test('a longer timeout set by subscriptions update gives back the deliveries q
   await createTenant(db, T);
   const recv = await startReceiver(t);
   // One slot: one delivery is sent (held here), one waits in the relay's prefetch queue.
-  // The held request must not time out during the test: an 8 s timeout, raised to 20 s.
-  const sub = await subscribe(db, { tenant: T, userId: 8, url: recv.url(), maxInFlight: 1, timeoutMs: 8000, ordering: 'none' });
+  // The held request must not time out during the test: a 15 s timeout (8 s ran out on a loaded CI machine), raised to 30 s.
+  const sub = await subscribe(db, { tenant: T, userId: 8, url: recv.url(), maxInFlight: 1, timeoutMs: 15000, ordering: 'none' });
   recv.secrets.push(sub.secret);
   let release: () => void = () => undefined;
   const held = new Promise<void>((r) => (release = r));
@@ -103,7 +103,7 @@ t.test('a longer timeout set by subscriptions update gives back the deliveries q
     "SELECT 'msg_' || event_id || '_' || subscription_id AS id, last_attempt_at::text AS at FROM public.outbox_deliveries WHERE locked_by IS NOT NULL")).rows;
   const queued = (await leased()).find((r) => r.id !== sentId);
   t.ok(queued, 'the queued delivery is leased');
-  const res = await runCli(['subscriptions', 'update', String(sub.id), '--timeout-ms', '20000'], { DATABASE_URL: db.url, WEBHOOK_ALLOW_PRIVATE_TARGETS: 'true' });
+  const res = await runCli(['subscriptions', 'update', String(sub.id), '--timeout-ms', '30000'], { DATABASE_URL: db.url, WEBHOOK_ALLOW_PRIVATE_TARGETS: 'true' });
   t.equal(res.code, 0, res.stderr);
   // Given back: its lease under the old timeout is gone (the next claim may take it or another one).
   await waitFor(async () => !(await leased()).some((r) => r.id === queued?.id && r.at === queued?.at), 5_000, 'the queued delivery to be given back',
