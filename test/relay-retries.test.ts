@@ -395,13 +395,53 @@ t.test('when every outcome is refused (a constraint refuses them all), the relay
   await writeAll(db, [`INSERT INTO ${T}.vendors (id, name) SELECT g, 'v' || g FROM generate_series(1, 20) g`]);
   const ids = await eventIds(db, T);
   await waitFor(() => relay.logs.has(/outcome after outcome is refused for its data/), 10_000, 'the relay to see that the refusals are systemic');
-  const givenUp = relay.logs.errors().filter((l) => /cannot be recorded and is given up/.test(String(l.msg))).length;
+  const givenUpCount = () => relay.logs.errors().filter((l) => /cannot be recorded and is given up/.test(String(l.msg))).length;
+  const givenUp = givenUpCount();
   t.ok(givenUp <= 8, `at most 8 outcomes given up before it stops giving up (${givenUp})`);
+  // The refusal lasts more than two leases (3 s): the outcomes the relay holds keep their leases
+  // (sql/022), so nothing held is claimed and sent again meanwhile.
+  await new Promise((r) => setTimeout(r, 7_000));
+  const held = await count(db, 'SELECT count(*)::int AS n FROM public.outbox_deliveries WHERE locked_by IS NOT NULL AND attempts = 1 AND next_attempt_at > now()');
+  t.ok(held >= ids.length - givenUp, `the held outcomes are still leased, at their first attempt, after two lease periods (${held} of ${ids.length}, ${givenUp} given up)`);
+  t.ok(recv.requests.length - ids.length <= givenUp, `nothing held was sent again while the refusal lasted (${recv.requests.length - ids.length} extra requests, ${givenUp} given up)`);
   await db.query('ALTER TABLE public.event_acknowledgments DROP CONSTRAINT test_refuse_all');
   await waitFor(async () => (await unprocessed(db)) === 0, 20_000, 'every event recorded once the constraint is gone', async () => ({ unprocessed: await unprocessed(db) }));
   t.equal(await count(db, "SELECT count(*)::int AS n FROM public.event_acknowledgments WHERE status = 'processed'"), ids.length, 'every event acknowledged');
   const extra = recv.requests.length - ids.length;
+  t.equal(givenUpCount(), givenUp, 'nothing more was given up once the refusals were seen to be systemic');
   t.ok(extra <= givenUp, `re-sent at most the given-up ones (${extra} extra requests, ${givenUp} given up)`);
+});
+
+t.test('outbox_extend_leases keeps only this worker\'s current leases, never shortens one and never waits for a lock', async (t) => {
+  const db = await freshDatabase(t);
+  // outbox_deliveries has no foreign keys: rows stand on their own here.
+  await db.query(`INSERT INTO public.outbox_deliveries (event_id, subscription_id, state, attempts, locked_by, next_attempt_at) VALUES
+    (1, 1, 'ready', 2, 'w1', now() + interval '1 second'),  -- held by w1 at attempt 2: extended
+    (2, 1, 'ready', 2, 'w2', now() + interval '1 second'),  -- another worker's
+    (3, 1, 'ready', 3, 'w1', now() + interval '1 second'),  -- claimed again since (attempt 3)
+    (4, 1, 'dead',  2, 'w1', now() + interval '1 second'),  -- dead
+    (5, 1, 'ready', 2, 'w1', now() + interval '1 hour'),    -- a lease already longer: kept
+    (6, 1, 'ready', 2, 'w1', now() + interval '1 second')   -- locked by another transaction: skipped`);
+  const pool = db.pool({ max: 2 });
+  const locker = await pool.connect();
+  t.teardown(() => locker.release());
+  await locker.query('BEGIN');
+  await locker.query('SELECT 1 FROM public.outbox_deliveries WHERE event_id = 6 FOR UPDATE');
+  const client = await pool.connect();
+  t.teardown(() => client.release());
+  await client.query("SET statement_timeout = '5s'");
+  const { rows } = await client.query<{ n: number }>(
+    "SELECT public.outbox_extend_leases('w1', ARRAY[1,2,3,4,5,6]::bigint[], ARRAY[1,1,1,1,1,1]::bigint[], ARRAY[2,2,2,2,2,2], ARRAY[60000,60000,60000,60000,60000,60000]) AS n",
+  );
+  t.equal(rows[0]?.n, 2, 'two leases kept: the current one and the longer one');
+  await locker.query('ROLLBACK');
+  const { rows: after } = await db.query<{ event_id: string; secs: number }>(
+    'SELECT event_id::text, round(extract(epoch FROM next_attempt_at - now()))::int AS secs FROM public.outbox_deliveries ORDER BY event_id',
+  );
+  const secs = Object.fromEntries(after.map((r) => [r.event_id, r.secs]));
+  t.ok((secs['1'] ?? 0) >= 55 && (secs['1'] ?? 0) <= 60, `the current lease now ends in a minute (${secs['1']} s)`);
+  t.ok([secs['2'], secs['3'], secs['4'], secs['6']].every((s) => s !== undefined && s <= 1), 'another worker\'s, a newer attempt\'s, a dead one\'s and a locked one\'s are untouched');
+  t.ok((secs['5'] ?? 0) > 3500, 'a longer lease is not shortened');
 });
 
 t.test('an event queued again after its fan-out is dropped from the queue: no stall, no resend, no change of its state', async (t) => {

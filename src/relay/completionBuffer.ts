@@ -10,6 +10,11 @@
  * recorded on its own, down to the outcome that is refused; that one is given up (logged as an
  * error): its lease runs out and the delivery is claimed again (a claim drops it if its event is
  * gone, see sql/014). Other errors (connection, timeout, schema) are retried whole, as before.
+ *
+ * Outcomes held longer than a third of the relay's lease (recording keeps failing, or one call is
+ * stuck behind a lock) keep their leases: a keepalive pushes their lease ends forward (sql/022), so
+ * that neither this relay nor another sends them again while they only wait to be written. When the
+ * keepalive cannot reach the database either, the leases run out as before (at-least-once).
  */
 import type pg from 'pg';
 import { isRetryableDbError } from '../errors.js';
@@ -31,6 +36,9 @@ export interface CompletionItem {
 export const COMPLETE_SQL =
   'SELECT public.outbox_complete($1, $2::bigint[], $3::bigint[], $4::int[], $5::text[], $6::int[], $7::text[], $8::bigint[], $9::int[]) AS applied';
 
+/** Pushes forward the lease ends of deliveries whose outcomes are held (sql/022); returns how many. */
+export const EXTEND_LEASES_SQL = 'SELECT public.outbox_extend_leases($1, $2::bigint[], $3::bigint[], $4::int[], $5::int[]) AS extended';
+
 export interface CompletionOptions {
   pool: pg.Pool;
   workerId: string;
@@ -39,6 +47,10 @@ export interface CompletionOptions {
   /** Called after each recorded batch (the relay claims again: capacity and lanes were freed). */
   onFlushed: (items: readonly CompletionItem[], applied: number) => void;
   onError?: (err: unknown) => void;
+  /** How long a claim of this subscription holds (the relay's lease for it); held outcomes are kept leased this long. */
+  leaseFor?: (subscriptionId: number) => number;
+  /** How often held outcomes' leases are extended: a third of the shortest lease. Off without leaseFor. */
+  keepaliveMs?: number;
 }
 
 /**
@@ -64,6 +76,12 @@ export class CompletionBuffer {
   private givenUp = 0;
   private retryTimer: NodeJS.Timeout | undefined;
   private closed = false;
+  /** The batch of the call in progress (no longer in pending or isolating, still held). */
+  private recordingNow: readonly CompletionItem[] = [];
+  /** When each held outcome was pushed. */
+  private readonly heldSince = new WeakMap<CompletionItem, number>();
+  private keepaliveTimer: NodeJS.Timeout | undefined;
+  private extending = false;
 
   constructor(private readonly options: CompletionOptions) {}
 
@@ -73,6 +91,8 @@ export class CompletionBuffer {
 
   push(item: CompletionItem): void {
     this.pending.push(item);
+    this.heldSince.set(item, Date.now());
+    this.startKeepalive();
     // Let every result of this turn of the event loop join the batch.
     if (!this.flushing && !this.retryTimer) setImmediate(() => this.flush());
   }
@@ -88,6 +108,7 @@ export class CompletionBuffer {
   private async run(): Promise<void> {
     const isolated = this.isolating.shift();
     const batch = isolated ?? this.pending.splice(0, this.options.maxBatch ?? 1000);
+    this.recordingNow = batch;
     try {
       const { rows } = await this.options.pool.query<{ applied: number }>({ name: 'outbox-relay-complete', text: COMPLETE_SQL, values: [
         this.options.workerId,
@@ -120,6 +141,7 @@ export class CompletionBuffer {
         this.options.logger.error({ lost: this.size, err: (err as Error).message }, 'could not record outcomes before stopping; their leases expire and the deliveries are sent again');
         this.pending = [];
         this.isolating = [];
+        this.stopKeepalive();
         return;
       }
       const delay = Math.min(5_000, 100 * 2 ** Math.min(this.failures, 6));
@@ -133,6 +155,58 @@ export class CompletionBuffer {
         this.retryTimer = undefined;
         this.flush();
       }, delay);
+    } finally {
+      this.recordingNow = [];
+    }
+  }
+
+  /** Everything pushed and not yet recorded or given up: waiting, being isolated, or in the call in progress. */
+  private held(): CompletionItem[] {
+    return [...this.recordingNow, ...this.isolating.flat(), ...this.pending];
+  }
+
+  private startKeepalive(): void {
+    const every = this.options.keepaliveMs;
+    if (this.keepaliveTimer || !this.options.leaseFor || !every || every <= 0) return;
+    this.keepaliveTimer = setInterval(() => void this.keepalive(), every);
+    this.keepaliveTimer.unref();
+  }
+
+  private stopKeepalive(): void {
+    if (this.keepaliveTimer) clearInterval(this.keepaliveTimer);
+    this.keepaliveTimer = undefined;
+  }
+
+  /**
+   * Extends the leases of outcomes held longer than one keepalive period. Normally outcomes are
+   * recorded within milliseconds and there is nothing to do; the timer stops once nothing is held.
+   * A failure is left to the next tick (the database being away is reported by the recording).
+   */
+  private async keepalive(): Promise<void> {
+    const leaseFor = this.options.leaseFor;
+    const every = this.options.keepaliveMs ?? 0;
+    if (!leaseFor || this.extending) return;
+    if (this.size === 0 && this.recordingNow.length === 0) {
+      this.stopKeepalive();
+      return;
+    }
+    const before = Date.now() - every;
+    const old = this.held().filter((item) => (this.heldSince.get(item) ?? 0) <= before);
+    if (old.length === 0) return;
+    this.extending = true;
+    try {
+      const { rows } = await this.options.pool.query<{ extended: number }>(EXTEND_LEASES_SQL, [
+        this.options.workerId,
+        old.map((b) => b.eventId),
+        old.map((b) => b.subscriptionId),
+        old.map((b) => b.attempt),
+        old.map((b) => leaseFor(b.subscriptionId)),
+      ]);
+      this.options.logger.debug({ held: old.length, extended: rows[0]?.extended ?? 0 }, 'extended the leases of outcomes waiting to be recorded');
+    } catch (err) {
+      this.options.logger.debug({ err: (err as Error).message }, 'could not extend the leases of outcomes waiting to be recorded');
+    } finally {
+      this.extending = false;
     }
   }
 
@@ -167,5 +241,10 @@ export class CompletionBuffer {
   /** From now on, give up after a few failed tries instead of retrying forever. */
   close(): void {
     this.closed = true;
+  }
+
+  /** Stops the lease keepalive (the relay is gone; what is still held is sent again after its lease). */
+  dispose(): void {
+    this.stopKeepalive();
   }
 }

@@ -225,6 +225,8 @@ export class Relay extends EventEmitter<RelayEvents> {
         this.kick();
       },
       onError: (err) => this.onDbError(err, 'recording outcomes'),
+      leaseFor: (id) => this.leaseFor(id),
+      keepaliveMs: Math.max(100, Math.floor(this.config.relay.leaseMs / 3)),
     });
   }
 
@@ -794,6 +796,7 @@ export class Relay extends EventEmitter<RelayEvents> {
     this.log.debug('stop: sends finished');
     this.completions.close();
     await this.completions.drain();
+    this.completions.dispose();
     this.log.debug('stop: outcomes recorded');
     await this.sender.destroy().catch(() => undefined);
     this.log.info('relay stopped');
