@@ -413,7 +413,12 @@ t.test('an exclusion survives a new primary key, a lost one and a missing trigge
   const again = await runCli(['triggers', 'install', '--schema', 'tenant_x'], env);
   t.equal(again.code, 0, again.stderr);
   t.match(again.stdout, /skipped\s+tenant_x\.kept: capture disabled/, 'the excluded table is skipped');
-  t.match(again.stdout, /^captured\s+tenant_x\.part$/m, 'a table with one trigger disabled by hand is not reported as excluded');
+  t.match(again.stdout, /^captured\s+tenant_x\.part \(partly: 1 of 3 triggers disabled by ALTER TABLE \.\.\. DISABLE TRIGGER; "triggers install --schema tenant_x --table part" enables them\)$/m,
+    'a table with one trigger disabled by hand is not reported as excluded, nor as fully captured');
+  t.match(again.stderr, /tenant_x\.part is only partly captured: 1 of its 3 capture triggers are disabled/, 'and a warning says so');
+  t.notMatch(again.stderr, /tenant_x\.kept is only partly/, 'an excluded table is not partly captured');
+  const againJson = JSON.parse((await runCli(['triggers', 'install', '--schema', 'tenant_x', '--json'], env)).stdout) as { partlyDisabled: unknown[] };
+  t.same(againJson.partlyDisabled, [{ schema: 'tenant_x', table: 'part', disabled: 1, triggers: 3 }], 'JSON names it under partlyDisabled');
   const listed = (JSON.parse((await runCli(['triggers', 'list', '--json'], env)).stdout) as { tables: Array<{ table: string; captured: boolean; note: string }> }).tables;
   t.match(listed.find((x) => x.table === 'part'), { captured: false, note: /capture partly disabled \(1 of 3 triggers/ }, 'list says partly disabled');
   t.match(listed.find((x) => x.table === 'gone'), { captured: false, note: /^capture disabled/ }, 'list says disabled');

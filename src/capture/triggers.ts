@@ -17,6 +17,11 @@ export interface InstallReport {
   skipped: Array<TableRef & { reason: string }>;
   /** Schemas now captured as a whole (new tables included). */
   schemas: string[];
+  /**
+   * Installed tables of a whole-schema install with some (not all) capture triggers disabled by hand
+   * (ALTER TABLE ... DISABLE TRIGGER): a non-strict install leaves them so; an install by name enables them.
+   */
+  partlyDisabled: Array<TableRef & { disabled: number; triggers: number }>;
 }
 
 /** The warning for a database without the event trigger (it needs a superuser to install). */
@@ -70,6 +75,11 @@ SELECT coalesce(bool_and(t.tgenabled = 'D'), false) AS excluded
 FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid JOIN pg_namespace AS n ON n.oid = c.relnamespace
 WHERE n.nspname = $1 AND c.relname = $2 AND t.tgfoid = 'public.outbox_capture()'::regprocedure`;
 const SCHEMA_CAPTURED = 'SELECT public.outbox_schema_is_captured($1) AS captured';
+/** How many of a table's capture triggers there are, and how many are disabled. */
+const TRIGGER_STATES = `
+SELECT count(*)::int AS triggers, count(*) FILTER (WHERE t.tgenabled = 'D')::int AS disabled
+FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relname = $2 AND t.tgfoid = 'public.outbox_capture()'::regprocedure`;
 /**
  * Excludes one table of a schema captured as a whole: its triggers stay, disabled, because the DDL
  * event trigger re-creates missing ones at the next ALTER TABLE but leaves disabled ones alone.
@@ -123,7 +133,7 @@ export async function installSchema(client: pg.ClientBase, schema: string, table
   tables.forEach((t) => assertIdentifier('table', t));
   return inTransaction(client, async () => {
     await assertSchemaExists(client, schema);
-    const report: InstallReport = { installed: [], skipped: [], schemas: [] };
+    const report: InstallReport = { installed: [], skipped: [], schemas: [], partlyDisabled: [] };
     await installTables(client, schema, tables, report);
     return report;
   });
@@ -163,8 +173,15 @@ async function installTables(client: pg.ClientBase, schema: string, tables: read
       continue;
     }
     const res = await client.query<{ installed: boolean }>(INSTALL, [schema, table, !wholeSchema]);
-    if (!res.rows[0]?.installed) report.skipped.push({ schema, table, reason: 'partition (captured through its parent)' });
-    else report.installed.push({ schema, table });
+    if (!res.rows[0]?.installed) {
+      report.skipped.push({ schema, table, reason: 'partition (captured through its parent)' });
+      continue;
+    }
+    report.installed.push({ schema, table });
+    if (wholeSchema) {
+      const states = (await client.query<{ triggers: number; disabled: number }>(TRIGGER_STATES, [schema, table])).rows[0];
+      if (states && states.disabled > 0) report.partlyDisabled.push({ schema, table, disabled: states.disabled, triggers: states.triggers });
+    }
   }
   if (wholeSchema) {
     await client.query(REGISTER_SCHEMA, [schema]);
@@ -178,7 +195,7 @@ export async function installAllSchemas(client: pg.ClientBase, exclude: readonly
   exclude.forEach((s) => assertIdentifier('schema', s));
   return inTransaction(client, async () => {
     const { rows } = await client.query<{ schema: string }>(SELECT_TENANT_SCHEMAS, [exclude]);
-    const report: InstallReport = { installed: [], skipped: [], schemas: [] };
+    const report: InstallReport = { installed: [], skipped: [], schemas: [], partlyDisabled: [] };
     for (const { schema } of rows) {
       const problem = identifierProblem(schema);
       if (problem) {

@@ -31,13 +31,18 @@ export function registerTriggerCommands(program: Command, ctx: () => CommandCont
         return { report: installed, autoCapture: await autoCaptureInstalled(client) };
       });
       c.print(opts.json, { ...report, autoCapture }, () => {
-        const lines = report.installed.map((t) => `captured ${t.schema}.${t.table}`);
+        const partly = new Map(report.partlyDisabled.map((p) => [`${p.schema}.${p.table}`, p]));
+        const lines = report.installed.map((t) => {
+          const p = partly.get(`${t.schema}.${t.table}`);
+          return `captured ${t.schema}.${t.table}${p ? ` (partly: ${p.disabled} of ${p.triggers} triggers disabled by ALTER TABLE ... DISABLE TRIGGER; "triggers install --schema ${p.schema} --table ${p.table}" enables them)` : ''}`;
+        });
         lines.push(...report.skipped.map((t) => `skipped  ${t.schema}.${t.table}: ${t.reason}`));
         if (report.schemas.length > 0) lines.push(`schemas captured as a whole${autoCapture ? ' (new tables included)' : ''}: ${report.schemas.join(', ')}`);
         if (report.installed.length === 0 && report.skipped.length === 0) lines.push('no tables found');
         return lines.join('\n');
       });
       for (const s of report.skipped) if (s.reason === 'no primary key') c.warn(`${s.schema}.${s.table} has no primary key and is not captured`);
+      for (const p of report.partlyDisabled) c.warn(`${p.schema}.${p.table} is only partly captured: ${p.disabled} of its ${p.triggers} capture triggers are disabled`);
       if (report.schemas.length > 0 && !autoCapture) c.warn(NO_AUTO_CAPTURE_WARNING);
     });
 
